@@ -1,0 +1,38 @@
+"""Train a reward model: python launch.py [overrides] or accelerate launch launch.py [overrides].
+
+See README.md. Config lives in config/; the schema with every key's meaning is train/config.py.
+"""
+import sys
+
+import hydra
+
+from train.build import build, in_multirun
+from train.config import check_overrides, register
+from train.errors import UserError
+
+register()
+
+
+@hydra.main(config_path="config", config_name="config", version_base=None)
+def main(cfg):
+    try:
+        trainer = build(cfg)
+        if trainer is None:  # resume=auto on a finished run
+            return None
+        status = trainer.train()
+        trainer.cleanup()
+        return {"status": status, **getattr(trainer, "last_eval", {})}
+    except UserError as err:
+        if in_multirun():  # let the sweep record this job as failed and go on with the others
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    main()

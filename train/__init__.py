@@ -1,0 +1,1 @@
+"""Reward-model training harness: Bradley-Terry reward models on accelerate."""

@@ -1,0 +1,107 @@
+"""Config -> the parts of a run (accelerator, model, tokenizer, data, trainer).
+
+Everything that can be rejected without a model (config values, the run directory, resume) is
+checked first, so a mistake costs no model load.
+"""
+import os
+import random
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from train import checkpoint, trainers
+from train.config import validate
+from train.data.loader import load_examples, tokenize
+from train.errors import UserError
+from train.models import AutoModelForBradleyTerry, load_tokenizer
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
+def resolve_run_dir(cfg):
+    """Under -m every job writes to its own Hydra job dir (sweep dir / overrides), never a shared one."""
+    if in_multirun():
+        cfg.local_run_dir = HydraConfig.get().runtime.output_dir
+        if cfg.wandb.group is None:
+            cfg.wandb.group = os.path.basename(os.path.normpath(HydraConfig.get().sweep.dir))
+    return cfg.local_run_dir
+
+
+def resume_point(cfg, run_dir: str, log=print):
+    """None (fresh start), a checkpoint dir, or "finished"; refuses to overwrite earlier work."""
+    complete, partial = checkpoint.checkpoint_dirs(run_dir)
+    for path in partial:
+        log(f"ignoring incomplete checkpoint {path} (no {checkpoint.MARKER} marker)")
+    has_final = checkpoint.is_complete(os.path.join(run_dir, "FINAL"))
+    if cfg.resume is None:
+        if complete or has_final:
+            raise UserError(f"{run_dir} already holds {'FINAL' if has_final else 'checkpoints'}: pass resume=auto "
+                            "to continue it, or choose another exp_name")
+        return None
+    if cfg.resume == "auto":
+        if has_final:
+            return "finished"
+        return complete[-1] if complete else None
+    if not checkpoint.is_complete(cfg.resume):
+        raise UserError(f"resume={cfg.resume}: not a complete checkpoint dir (no {checkpoint.MARKER} marker)")
+    return cfg.resume
+
+
+def build_model(cfg, tokenizer):
+    m = cfg.model
+    if m.name_or_path is None:
+        model = AutoModelForBradleyTerry.from_config(OmegaConf.to_container(m.init_config), m.dtype,
+                                                     tokenizer.pad_token_id, m.disable_dropout, cfg.seed)
+    else:
+        model = AutoModelForBradleyTerry.from_pretrained(m.name_or_path, m.dtype, tokenizer.pad_token_id,
+                                                         m.attn_implementation, m.trust_remote_code,
+                                                         m.disable_dropout)
+    if m.activation_checkpointing:
+        model.hf_model.gradient_checkpointing_enable()
+    return model
+
+
+def fixed_eval_indices(n_test: int, n_eval: int, seed: int) -> list:
+    """The same eval pairs at every eval of a run, and for every run with the same seed."""
+    order = list(range(n_test))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:n_eval])
+
+
+def build(cfg):
+    """The trainer for this config, or None when resume=auto finds the run already finished."""
+    validate(cfg)
+    run_dir = resolve_run_dir(cfg)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
+    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    resume = resume_point(cfg, run_dir, log)
+    if resume == "finished":
+        log(f"{run_dir}/FINAL exists: run already finished, nothing to do")
+        return None
+    if accelerator.is_main_process:
+        os.makedirs(run_dir, exist_ok=True)
+        checkpoint.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+    trainer_class = getattr(trainers, cfg.loss.trainer, None)
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, trainers.BasicTrainer)):
+        raise UserError(f"loss.trainer '{cfg.loss.trainer}' is not a trainer class in train/trainers.py")
+    set_seed(cfg.seed)
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
+                               cfg.model.trust_remote_code)
+    cache = os.path.join(cfg.cache_dir, "tokenized")
+    with accelerator.main_process_first():  # tokenise once; the other processes read the cache
+        train_examples, test_examples = load_examples(cfg, log)
+        train_ds, train_counts = tokenize(train_examples, tokenizer, cfg.model, cache)
+        test_ds, test_counts = tokenize(test_examples, tokenizer, cfg.model, cache)
+    counts = {f"{split}_{k}": v for split, c in (("train", train_counts), ("test", test_counts)) for k, v in c.items()}
+    log(f"data: {len(train_ds)} train pairs, {len(test_ds)} test pairs; truncated/dropped: {counts}")
+    eval_ds = test_ds.select(fixed_eval_indices(len(test_ds), cfg.n_eval_examples, cfg.seed))
+    model = build_model(cfg, tokenizer)
+    return trainer_class(cfg, accelerator, model, tokenizer, train_ds, eval_ds, run_dir,
+                         resume_from=resume, config_dict=OmegaConf.to_container(cfg, resolve=True),
+                         data_counts=counts)

@@ -1,0 +1,121 @@
+"""Checkpoints: everything an exact continuation needs, written atomically.
+
+A checkpoint dir is written as checkpoints/.tmp-step-N, gets a COMPLETE marker last, and is then
+renamed to checkpoints/step-N. A dir without the marker (a kill during a save) is never resumed
+from. Weights are safetensors; optimizer/scheduler/RNG use torch.save and are read back with
+weights_only=True, so loading a checkpoint never runs pickled code.
+"""
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainState:
+    """The resume state: the data position is derived from `step` (see train/data/loader.py)."""
+    step: int = 0  # optimizer steps done
+    examples: int = 0  # training pairs seen
+    skipped_steps: int = 0  # steps skipped for non-finite values (on_nonfinite=skip)
+    last_eval_examples: int = -1  # examples at the last eval, so a resume does not repeat it
+    wandb_id: Optional[str] = None  # the same wandb run continues after a resume
+
+
+def atomic_write_text(path: str, text: str):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def mark_complete_and_publish(tmp_dir: str, final_dir: str):
+    """Marker last, then one rename: a reader sees either nothing or a complete dir."""
+    atomic_write_text(os.path.join(tmp_dir, MARKER), "")
+    if os.path.exists(final_dir):  # an incomplete leftover of the same name
+        shutil.rmtree(final_dir)
+    os.replace(tmp_dir, final_dir)
+
+
+def checkpoint_dirs(run_dir: str) -> tuple:
+    """(complete checkpoint dirs sorted by step, incomplete dirs) under run_dir/checkpoints."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return [], []
+    complete, partial = [], []
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        match = re.fullmatch(r"step-(\d+)", name)
+        if match and is_complete(path):
+            complete.append((int(match.group(1)), path))
+        else:
+            partial.append(path)
+    return [p for _, p in sorted(complete)], sorted(partial)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rng(tmp_dir: str, rank: int):
+    torch.save(rng_state(), os.path.join(tmp_dir, f"rng-{rank}.pt"))
+
+
+def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState):
+    """The main process's part of a checkpoint (RNG files are written by every process)."""
+    save_model(model, os.path.join(tmp_dir, "model.safetensors"))  # handles tied weights
+    torch.save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
+    atomic_write_text(os.path.join(tmp_dir, "state.json"), json.dumps(asdict(state), indent=1))
+
+
+def load(path: str, model, optimizer, scheduler, rank: int) -> TrainState:
+    """Restore weights, optimizer (with Adam's moments), scheduler and this process's RNG."""
+    load_model(model, os.path.join(path, "model.safetensors"))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    rng_file = os.path.join(path, f"rng-{rank}.pt")
+    if os.path.exists(rng_file):  # resuming on more processes than saved: the new ones start fresh
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    with open(os.path.join(path, "state.json")) as f:
+        state = TrainState(**json.load(f))
+    # The optimizer must really hold its moments again (a merged dict can silently drop them).
+    if state.step > state.skipped_steps and not optimizer.state_dict()["state"]:
+        raise RuntimeError(f"optimizer state missing after loading {path}")
+    return state
+
+
+def prune(run_dir: str, keep: int):
+    """Delete all but the newest `keep` complete checkpoints; partial dirs are left for inspection."""
+    complete, _ = checkpoint_dirs(run_dir)
+    for path in complete[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

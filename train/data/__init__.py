@@ -1,0 +1,1 @@
+"""Data path: sources -> PreferenceExample -> formatted text -> token ids -> batches."""

@@ -1,0 +1,109 @@
+"""PreferenceExamples -> tokenised datasets (cached) -> padded batches of chosen+rejected.
+
+The training order is a function of (seed, epoch) only, and a global batch is a slice of it, so
+the data position of a run is just its optimizer step: resuming needs no iterator state, and
+1 process or N processes see the same global batches (each process takes its own slice).
+"""
+import os
+from dataclasses import asdict
+
+import datasets
+import torch
+from datasets.fingerprint import Hasher
+
+from train.data.formatting import encode
+from train.data.sources import SOURCES
+from train.config import source_options
+
+
+def load_examples(cfg, log=print) -> tuple:
+    """(train, test) PreferenceExample lists from every selected source, in config order."""
+    train, test = [], []
+    for name, options in cfg.datasets.items():
+        tr, te = SOURCES[name](source_options(name, options), cfg.seed, log)
+        train += tr
+        test += te
+    return train, test
+
+
+def _rows(examples) -> dict:
+    return {
+        "prompt": [e.prompt if isinstance(e.prompt, str) else None for e in examples],
+        "turns": [e.prompt if not isinstance(e.prompt, str) else None for e in examples],
+        "chosen": [e.chosen for e in examples],
+        "rejected": [e.rejected for e in examples],
+        "margin": [e.margin for e in examples],
+        "subset": [e.subset for e in examples],
+        "index": list(range(len(examples))),
+    }
+
+
+def tokenize(examples, tokenizer, model_cfg, cache_dir: str) -> tuple:
+    """A datasets.Dataset of token ids, cached on disk by content; plus {truncated, dropped} counts."""
+    opts = dict(max_length=model_cfg.max_length, max_prompt_length=model_cfg.max_prompt_length,
+                truncation=model_cfg.truncation)
+
+    def encode_batch(batch):
+        out = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_types", "rejected_types",
+                               "truncated", "margin", "subset", "index")}
+        for i in range(len(batch["index"])):
+            prompt = batch["prompt"][i] if batch["prompt"][i] is not None else batch["turns"][i]
+            c = encode(tokenizer, prompt, batch["chosen"][i], **opts)
+            r = encode(tokenizer, prompt, batch["rejected"][i], **opts)
+            if c is None or r is None:  # truncation="drop": the pair does not fit
+                continue
+            out["chosen_ids"].append(c["input_ids"])
+            out["rejected_ids"].append(r["input_ids"])
+            out["chosen_types"].append(c.get("token_type_ids"))
+            out["rejected_types"].append(r.get("token_type_ids"))
+            out["truncated"].append(c["truncated"] or r["truncated"])
+            for key in ("margin", "subset", "index"):
+                out[key].append(batch[key][i])
+        return out
+
+    raw = datasets.Dataset.from_dict(_rows(examples))
+    key = Hasher.hash([[asdict(e) for e in examples], tokenizer.name_or_path, len(tokenizer),
+                       tokenizer.chat_template, opts])
+    os.makedirs(cache_dir, exist_ok=True)
+    ds = raw.map(encode_batch, batched=True, remove_columns=raw.column_names,
+                 cache_file_name=os.path.join(cache_dir, f"tokenized-{key}.arrow"),
+                 desc="tokenizing", new_fingerprint=key)
+    counts = {"truncated": int(sum(ds["truncated"])), "dropped": len(raw) - len(ds)}
+    return ds.with_format(None), counts
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list:
+    """The shuffled training order of one epoch: the same for every process and every resume."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _pad(seqs, value):
+    longest = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (longest - len(s)) for s in seqs], dtype=torch.long)
+
+
+class Collator:
+    """Rows -> one batch with chosen rows first, then rejected rows, padded to the longest."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list) -> dict:
+        seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        input_ids = _pad(seqs, self.pad_token_id)
+        mask = _pad([[1] * len(s) for s in seqs], 0)
+        batch = {"input_ids": input_ids, "attention_mask": mask,
+                 "margin": torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
+                 "has_margin": any(r["margin"] is not None for r in rows),
+                 "index": [r["index"] for r in rows], "subset": [r["subset"] for r in rows]}
+        if rows[0]["chosen_types"] is not None:
+            types = [r["chosen_types"] for r in rows] + [r["rejected_types"] for r in rows]
+            batch["token_type_ids"] = _pad(types, 0)
+        return batch
+
+
+def select(ds, indices) -> list:
+    """Rows of a tokenised dataset as dicts, in the order given."""
+    part = ds[list(indices)]
+    return [{k: part[k][i] for k in part} for i in range(len(indices))]

@@ -1,0 +1,156 @@
+"""Dataset sources: each turns its config into (train, test) lists of PreferenceExample.
+
+Every row is checked; a bad row is one line naming file, row and field (UserError), or is skipped
+and counted when the source sets on_error: skip. Rows are numbered from 1: the line of a JSONL
+file, the element of a JSON array.
+"""
+import json
+import random
+from typing import Callable, Iterator, Tuple
+
+from train.data.example import PreferenceExample
+from train.errors import UserError
+
+
+class RowError(ValueError):
+    """A problem with one row: the message names the field."""
+
+
+def read_rows(path: str) -> Iterator[Tuple[int, object]]:
+    """(row number, parsed JSON) for a JSONL file or a JSON array; bad JSON/UTF-8 -> RowError rows."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024).lstrip()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read: {err.strerror}")
+    if head.startswith(b"["):  # a JSON array: parsed whole, then numbered by element
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            rows = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise UserError(f"{path}: line {line}: bytes that are not UTF-8")
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})")
+        yield from enumerate(rows, start=1)
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield number, RowError("bytes that are not UTF-8")
+            except json.JSONDecodeError as err:
+                yield number, RowError(f"not valid JSON ({err.msg})")
+
+
+def _text(row: dict, name: str) -> str:
+    if name not in row:
+        raise RowError(f"field '{name}': missing")
+    value = row[name]
+    if not isinstance(value, str):
+        raise RowError(f"field '{name}': expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(f"field '{name}': empty text")
+    return value
+
+
+def _prompt(row: dict, name: str = "prompt"):
+    """A prompt is a non-empty string or a list of {role, content} turns."""
+    value = row.get(name)
+    if isinstance(value, list):
+        if not value or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
+                                and isinstance(t.get("content"), str) for t in value):
+            raise RowError(f"field '{name}': a list must hold {{role, content}} turns of strings")
+        return value
+    return _text(row, name)
+
+
+def preference_row(row) -> PreferenceExample:
+    """{prompt, chosen, rejected[, margin, subset]} -> PreferenceExample."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected a JSON object, got {type(row).__name__}")
+    prompt, chosen, rejected = _prompt(row), _text(row, "chosen"), _text(row, "rejected")
+    if chosen == rejected:
+        raise RowError("field 'rejected': identical to 'chosen'")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
+        raise RowError(f"field 'margin': expected a number, got {type(margin).__name__}")
+    subset = row.get("subset", "default")
+    if not isinstance(subset, str):
+        raise RowError(f"field 'subset': expected a string, got {type(subset).__name__}")
+    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin", "subset")}
+    return PreferenceExample(prompt, chosen, rejected, None if margin is None else float(margin), subset, extra)
+
+
+def feedback_row(row) -> PreferenceExample:
+    """A pairwise_feedback row written by `python -m train.label` -> PreferenceExample."""
+    if not isinstance(row, dict):
+        raise RowError(f"expected a JSON object, got {type(row).__name__}")
+    if row.get("type") != "pairwise_feedback":
+        raise RowError(f"field 'type': expected 'pairwise_feedback', got {row.get('type')!r} "
+                       "(train on pairwise feedback; binary/scalar files have no pairs)")
+    prompt, a, b = _prompt(row), _text(row, "output_A"), _text(row, "output_B")
+    label = row.get("label")
+    if label not in (0, 1) or isinstance(label, bool):
+        raise RowError(f"field 'label': expected 0 or 1, got {label!r}")
+    if a == b:
+        raise RowError("field 'output_B': identical to 'output_A'")
+    chosen, rejected = (a, b) if label == 1 else (b, a)
+    extra = {k: row[k] for k in ("prompt_id", "reward_difference") if k in row}
+    return PreferenceExample(prompt, chosen, rejected, None, "feedback", extra)
+
+
+def read_file(path: str, parse: Callable, on_error: str, log=print) -> list:
+    """All good rows of a file; bad rows raise one-line UserErrors or are skipped and counted."""
+    examples, skipped = [], 0
+    for number, row in read_rows(path):
+        try:
+            if isinstance(row, RowError):
+                raise row
+            examples.append(parse(row))
+        except RowError as err:
+            if on_error != "skip":
+                raise UserError(f"{path}: row {number}: {err}")
+            skipped += 1
+    if skipped:
+        log(f"{path}: skipped {skipped} bad rows (on_error=skip)")
+    if not examples:
+        raise UserError(f"{path}: no usable rows")
+    return examples
+
+
+def file_source(options, parse: Callable, seed: int, log=print) -> tuple:
+    if options.on_error not in ("raise", "skip"):
+        raise UserError(f"on_error must be 'raise' or 'skip', got '{options.on_error}'")
+    train = read_file(options.path, parse, options.on_error, log)
+    if options.test_path:
+        return train, read_file(options.test_path, parse, options.on_error, log)
+    if not 0 < options.test_fraction < 1:
+        raise UserError(f"test_fraction must be in (0, 1) without a test_path, got {options.test_fraction}")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)  # a seeded split: the same held-out rows on every run
+    n_test = max(1, int(len(train) * options.test_fraction))
+    test_ids = set(order[:n_test])
+    return ([e for i, e in enumerate(train) if i not in test_ids],
+            [e for i, e in enumerate(train) if i in test_ids])
+
+
+def synthetic_source(options, seed: int, log=print) -> tuple:
+    from train.data.synthetic import synthetic_examples
+    subsets = list(options.subsets) if options.subsets else None
+    try:
+        return (synthetic_examples("train", options.n_train, options.seed, subsets),
+                synthetic_examples("test", options.n_test, options.seed, subsets))
+    except ValueError as err:
+        raise UserError(f"datasets.synthetic: {err}")
+
+
+SOURCES = {
+    "synthetic": synthetic_source,
+    "jsonl": lambda options, seed, log=print: file_source(options, preference_row, seed, log),
+    "feedback": lambda options, seed, log=print: file_source(options, feedback_row, seed, log),
+}

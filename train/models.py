@@ -1,0 +1,104 @@
+"""AutoModelForBradleyTerry: a two-logit sequence classifier whose reward is logits[:, 1].
+
+Any checkpoint that AutoModelForSequenceClassification can load works. Decoder heads (Llama,
+Qwen, Mistral, Gemma, Pythia...) pool at the last non-pad token found by comparing input ids
+with pad_token_id; that reads the wrong position when pad == eos and a text ends with eos. So for
+those heads we read the hidden state at the last position where attention_mask is 1, which is
+right for any padding. Encoder heads (BERT) pool the first token and need no such care.
+"""
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from train.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a right- or left-padded attention mask."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask).argmax(dim=1)
+
+
+def _check_local_or_hub(name: str, what: str):
+    """Hub ids are allowed, but an offline machine should fail in one clear line."""
+    if not os.path.exists(name) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"{what} '{name}' is not a local directory and HF_HUB_OFFLINE=1: "
+                        "pass a local path")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    _check_local_or_hub(name_or_path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(f"cannot load tokenizer '{name_or_path}': {str(err).splitlines()[0]}")
+    if tokenizer.pad_token is None:  # decoder tokenizers often ship without one
+        if tokenizer.eos_token is None:
+            raise UserError(f"tokenizer '{name_or_path}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+class AutoModelForBradleyTerry(nn.Module):
+    """Wraps an AutoModelForSequenceClassification with num_labels=2; forward returns rewards."""
+
+    def __init__(self, hf_model):
+        super().__init__()
+        self.hf_model = hf_model
+        # Decoder classifiers keep a per-position head called `score`; encoders a `classifier`.
+        self.pools_last_token = isinstance(getattr(hf_model, "score", None), nn.Linear)
+
+    @property
+    def config(self):
+        return self.hf_model.config
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: str = "float32", pad_token_id=None,
+                        attn_implementation=None, trust_remote_code: bool = False,
+                        disable_dropout: bool = True):
+        _check_local_or_hub(name_or_path, "model")
+        kwargs = {"num_labels": 2, "dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            hf_model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+        except OSError as err:
+            raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}")
+        return cls._finish(hf_model, pad_token_id, disable_dropout)
+
+    @classmethod
+    def from_config(cls, config_kwargs: dict, dtype: str = "float32", pad_token_id=None,
+                    disable_dropout: bool = True, seed: int = 0):
+        """A randomly initialised model from an architecture description (tests, tiny runs)."""
+        config = AutoConfig.for_model(**dict(config_kwargs), num_labels=2)
+        torch.manual_seed(seed)  # the same tiny model on every process and every run
+        hf_model = AutoModelForSequenceClassification.from_config(config, dtype=DTYPES[dtype])
+        return cls._finish(hf_model, pad_token_id, disable_dropout)
+
+    @classmethod
+    def _finish(cls, hf_model, pad_token_id, disable_dropout):
+        if pad_token_id is not None:
+            hf_model.config.pad_token_id = pad_token_id
+        if disable_dropout:  # dropout halves CPU speed and adds noise to a scalar regression
+            for module in hf_model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        return cls(hf_model)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if not self.pools_last_token:
+            logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+            return logits[:, 1]
+        hidden = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = last_token_index(attention_mask)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.hf_model.score(pooled)[:, 1]
+
+    def save_pretrained(self, path: str, **kwargs):
+        self.hf_model.save_pretrained(path, safe_serialization=True, **kwargs)
