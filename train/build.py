@@ -79,6 +79,7 @@ def build(cfg):
     run_dir = resolve_run_dir(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    trainers.batch_plan(cfg, accelerator.num_processes)
     resume = resume_point(cfg, run_dir, log)
     if resume == "finished":
         log(f"{run_dir}/FINAL exists: run already finished, nothing to do")

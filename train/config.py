@@ -29,7 +29,7 @@ class WandbConfig:
 
 @dataclass
 class ModelConfig:
-    name_or_path: Optional[str] = None  # local dir or hub id; family files mark it ??? (required)
+    name_or_path: Optional[str] = MISSING  # local dir or hub id (required); null only with init_config
     tokenizer_name_or_path: Optional[str] = None  # None -> name_or_path
     init_config: Optional[Dict[str, Any]] = None  # build a random model from this architecture instead
     dtype: str = "float32"  # float32 | bfloat16 | float16; CPUs here have no fast bf16

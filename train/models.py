@@ -11,6 +11,7 @@ import os
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from train.errors import UserError
 
@@ -65,10 +66,16 @@ class AutoModelForBradleyTerry(nn.Module):
         kwargs = {"num_labels": 2, "dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
+        # The load report would list the fresh 2-logit head as MISSING: expected for a new reward
+        # model, and noise on every run, so only errors are shown while loading.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
         try:
             hf_model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
         except OSError as err:
             raise UserError(f"cannot load model '{name_or_path}': {str(err).splitlines()[0]}")
+        finally:
+            hf_logging.set_verbosity(verbosity)
         return cls._finish(hf_model, pad_token_id, disable_dropout)
 
     @classmethod

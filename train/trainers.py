@@ -30,6 +30,23 @@ class NonFiniteError(UserError):
     """A NaN or inf loss or gradient with on_nonfinite=stop."""
 
 
+def fault_point(name: str, count: int):
+    """Test hook for exact-resume tests: REWARD_HARNESS_KILL_AT=<name>:<count> SIGKILLs the process
+    at that point (names: mid_step, after_step, eval, save), so a kill lands where a test needs it."""
+    if os.environ.get("REWARD_HARNESS_KILL_AT") == f"{name}:{count}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def batch_plan(cfg, world: int) -> tuple:
+    """(pairs per process per step, accumulation steps); checked before any model loads."""
+    per_process, rest = divmod(cfg.batch_size, world)
+    accumulation = per_process // cfg.microbatch_size
+    if rest or per_process % cfg.microbatch_size or accumulation == 0:
+        raise UserError(f"batch_size ({cfg.batch_size}) must be microbatch_size ({cfg.microbatch_size}) "
+                        f"x processes ({world}) x a whole number of accumulation steps")
+    return per_process, accumulation
+
+
 def _param_groups(model, weight_decay: float) -> list:
     """No weight decay on biases and norm weights (1-D tensors), as is standard for transformers."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -49,12 +66,7 @@ class BasicTrainer:
         self.train_ds, self.eval_ds, self.run_dir = train_ds, eval_ds, run_dir
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.data_counts = data_counts or {}
-        per_process, rest = divmod(cfg.batch_size, self.world)
-        self.accumulation = per_process // cfg.microbatch_size
-        if rest or per_process % cfg.microbatch_size or self.accumulation == 0:
-            raise UserError(f"batch_size ({cfg.batch_size}) must be microbatch_size ({cfg.microbatch_size}) "
-                            f"x processes ({self.world}) x a whole number of accumulation steps")
-        self.per_process = per_process
+        self.per_process, self.accumulation = batch_plan(cfg, self.world)
         self.steps_per_epoch = len(train_ds) // cfg.batch_size  # an incomplete last batch is dropped
         total = len(train_ds) * cfg.n_epochs
         if cfg.n_examples is not None:
@@ -82,6 +94,7 @@ class BasicTrainer:
         if resume_from:
             self.tracker.truncate_after(self.state.examples)
         self.stop_requested = False
+        self.n_evals = self.n_saves = 0  # in this process's life, for fault_point
 
     # ---- what subclasses define -------------------------------------------------------------
     def forward(self, batch: dict):
@@ -108,34 +121,38 @@ class BasicTrainer:
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> str:
         """Train to the end (returns "done") or to a preemption checkpoint (returns "preempted")."""
-        cfg, acc, state = self.cfg, self.accelerator, self.state
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+                   disable=not self.accelerator.is_main_process, dynamic_ncols=True)
         try:
-            if state.step == 0 and cfg.do_first_eval and state.last_eval_examples < 0:
-                self.evaluate()
-            bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
-                       disable=not acc.is_main_process, dynamic_ncols=True)
-            self.model.train()
-            batches = iter(self.train_loader())
-            while state.step < self.total_steps:
-                record = self.train_step([next(batches) for _ in range(self.accumulation)])
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
-                if self._crossed(cfg.eval_every) and state.step < self.total_steps:
-                    self.evaluate()  # the final eval below covers the last step
-                if record.pop("_stop"):
-                    self.save_checkpoint()
-                    self._say(f"stopped by a signal after step {state.step}; continue with the same command "
-                              f"plus resume=auto (run dir {self.run_dir})")
-                    return "preempted"
-                if cfg.save_every and self._crossed(cfg.save_every) and state.step < self.total_steps:
-                    self.save_checkpoint()
-            bar.close()
-            self.save_final(self.evaluate(final=True))
-            return "done"
+            return self._train(bar)
         finally:
+            bar.close()  # so an error message starts on a line of its own
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _train(self, bar) -> str:
+        cfg, state = self.cfg, self.state
+        if state.step == 0 and cfg.do_first_eval and state.last_eval_examples < 0:
+            self.evaluate()
+        self.model.train()
+        batches = iter(self.train_loader())
+        while state.step < self.total_steps:
+            record = self.train_step([next(batches) for _ in range(self.accumulation)])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
+            if self._crossed(cfg.eval_every) and state.step < self.total_steps:
+                self.evaluate()  # the final eval below covers the last step
+            if record.pop("_stop"):
+                self.save_checkpoint()
+                self._say(f"stopped by a signal after step {state.step}; continue with the same command "
+                          f"plus resume=auto (run dir {self.run_dir})")
+                return "preempted"
+            if cfg.save_every and self._crossed(cfg.save_every) and state.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_final(self.evaluate(final=True))
+        return "done"
 
     def train_loader(self) -> DataLoader:
         """This process's microbatches from the current step to the end, in order."""
@@ -156,6 +173,7 @@ class BasicTrainer:
                 chosen, rejected = self.forward(batch)
                 loss = self.loss(chosen, rejected, batch)
                 acc.backward(loss / len(micro))  # every microbatch has the same size: mean of means
+            fault_point("mid_step", state.step + 1)
             for key, value in pair_metrics(chosen, rejected).items():
                 sums[key] += value
             sums["loss"] += loss.item() * len(batch["index"])
@@ -188,6 +206,7 @@ class BasicTrainer:
                   "lr": lr, "pairs_per_s": n / seconds, "tokens_per_s": total[6] / seconds,
                   "skipped_steps": state.skipped_steps, "world_size": self.world}
         self.tracker.log(record)
+        fault_point("after_step", state.step)
         return {**record, "_stop": total[8] > 0}
 
     def _crossed(self, every: int) -> bool:
@@ -217,6 +236,8 @@ class BasicTrainer:
             chosen, rejected = self._scores(model, batch)
             results += [(idx, sub, float(m), c, r) for idx, sub, m, c, r in zip(
                 batch["index"], batch["subset"], batch["margin"], chosen.float().tolist(), rejected.float().tolist())]
+            fault_point("eval", self.n_evals + 1)
+        self.n_evals += 1
         model.train()
         everything = sorted(gather_object(results))
         self.state.last_eval_examples = self.state.examples
@@ -265,6 +286,8 @@ class BasicTrainer:
         acc.wait_for_everyone()  # every process's RNG file is in before the marker goes in
         if acc.is_main_process:
             checkpoint.save(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.state)
+            self.n_saves += 1
+            fault_point("save", self.n_saves)  # files written, marker not yet: a torn checkpoint
             checkpoint.mark_complete_and_publish(tmp, final_dir)
             checkpoint.prune(self.run_dir, self.cfg.keep_last_n_checkpoints)
         acc.wait_for_everyone()

@@ -5,6 +5,7 @@ and counted when the source sets on_error: skip. Rows are numbered from 1: the l
 file, the element of a JSON array.
 """
 import json
+import math
 import random
 from typing import Callable, Iterator, Tuple
 
@@ -79,6 +80,8 @@ def preference_row(row) -> PreferenceExample:
     margin = row.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise RowError(f"field 'margin': expected a number, got {type(margin).__name__}")
+    if margin is not None and not math.isfinite(margin):
+        raise RowError(f"field 'margin': expected a finite number, got {margin}")
     subset = row.get("subset", "default")
     if not isinstance(subset, str):
         raise RowError(f"field 'subset': expected a string, got {type(subset).__name__}")

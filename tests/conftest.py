@@ -1,0 +1,60 @@
+"""Shared helpers: run the real entry points in subprocesses, offline, as a user would."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ACCELERATE = str(Path(PYTHON).parent / "accelerate")
+# Small and fast: a random 2-layer Llama on a few hundred synthetic pairs.
+TINY = ["model=tiny-llama", "datasets.synthetic.n_train=192", "datasets.synthetic.n_test=48",
+        "n_eval_examples=48", "batch_size=16", "microbatch_size=8", "eval_every=64"]
+
+
+def env(**extra):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", HF_DATASETS_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false")
+    e.pop("REWARD_HARNESS_KILL_AT", None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def launch(args, cwd=ROOT, check=True, extra_env=None, timeout=600):
+    """python launch.py ARGS; returns the CompletedProcess."""
+    proc = subprocess.run([PYTHON, "launch.py", *args], cwd=cwd, env=env(**(extra_env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def accelerate_launch(args, nproc=2, check=True, extra_env=None, timeout=600):
+    config = "accelerate_config/ddp_cpu_2proc.yaml" if nproc == 2 else "accelerate_config/cpu.yaml"
+    proc = subprocess.run([ACCELERATE, "launch", "--config_file", config, "launch.py", *args], cwd=ROOT,
+                          env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    with open(Path(run_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def final_metrics(run_dir):
+    return json.loads((Path(run_dir) / "FINAL" / "metrics.json").read_text())
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+    return load_file(str(Path(run_dir) / "FINAL" / "model.safetensors"))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return str(tmp_path / "cache")

@@ -1,0 +1,123 @@
+"""launch.py end to end: run dir contract, FINAL loads in plain transformers, 2 processes == 1."""
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.conftest import ROOT, TINY, accelerate_launch, final_metrics, final_weights, launch, metrics
+
+
+def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(cache):
+    launch([*TINY, f"cache_dir={cache}", "exp_name=tiny", "write_predictions=true"])
+    run = Path(cache) / "tiny"
+    for path in ("config.yaml", "metrics.jsonl", "FINAL/model.safetensors", "FINAL/config.json",
+                 "FINAL/tokenizer.json", "FINAL/metrics.json", "plots/loss.png", "plots/accuracy.png",
+                 "plots/margin.png", "generated_predictions.jsonl"):
+        assert (run / path).is_file(), path
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert cfg.model.init_config.model_type == "llama" and "${" not in (run / "config.yaml").read_text()
+
+    records = metrics(run)
+    evals = [r for r in records if r["split"] == "eval"]
+    train = [r for r in records if r["split"] == "train"]
+    assert evals[0]["examples"] == 0 and evals[-1]["examples"] == train[-1]["examples"]
+    assert [r["step"] for r in train] == list(range(1, len(train) + 1))
+    for key in ("loss", "accuracy", "margin", "chosen", "rejected", "grad_norm", "lr", "pairs_per_s",
+                "tokens_per_s", "examples"):
+        assert key in train[-1], key
+    for key in ("reward_min", "reward_mean", "reward_max", "accuracy/grounded_fact", "accuracy/refusal"):
+        assert key in evals[-1], key
+    final = final_metrics(run)
+    assert final["world_size"] == 1 and final["accuracy"] == evals[-1]["accuracy"]
+
+    # FINAL is a plain HF classifier: scoring the eval pairs with it gives the trainer's scores.
+    from train.build import fixed_eval_indices
+    from train.data.formatting import encode
+    from train.data.loader import load_examples
+    _, test = load_examples(cfg, log=lambda *a: None)
+    eval_pairs = [test[i] for i in fixed_eval_indices(len(test), cfg.n_eval_examples, cfg.seed)]
+    model = AutoModelForSequenceClassification.from_pretrained(run / "FINAL")
+    tokenizer = AutoTokenizer.from_pretrained(run / "FINAL")
+    assert model.config.num_labels == 2
+    predictions = [json.loads(line) for line in (run / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == len(eval_pairs) == cfg.n_eval_examples
+    with torch.no_grad():
+        for pair, pred in list(zip(eval_pairs, predictions))[:12]:
+            for side in ("chosen", "rejected"):
+                ids = encode(tokenizer, pair.prompt, getattr(pair, side), cfg.model.max_length,
+                             cfg.model.max_prompt_length)["input_ids"]
+                score = model(input_ids=torch.tensor([ids])).logits[0, 1].item()
+                assert score == pytest.approx(pred[side], abs=1e-4)
+    # reward extremes are true extremes over the eval set
+    scores = [p[s] for p in predictions for s in ("chosen", "rejected")]
+    assert evals[-1]["reward_max"] == pytest.approx(max(scores), abs=1e-5)
+    assert evals[-1]["reward_min"] == pytest.approx(min(scores), abs=1e-5)
+
+
+def test_minilm_short_run_lowers_eval_loss(cache):
+    launch(["model=minilm", "datasets.synthetic.n_train=320", "datasets.synthetic.n_test=64",
+            "n_eval_examples=64", "batch_size=16", "microbatch_size=16", "eval_every=160", "lr=2e-4", "warmup=0",
+            f"cache_dir={cache}", "exp_name=mini"])
+    evals = [r for r in metrics(Path(cache) / "mini") if r["split"] == "eval"]
+    assert evals[0]["examples"] == 0 and evals[-1]["examples"] == 320
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.05
+    assert evals[-1]["accuracy"] > evals[0]["accuracy"]
+
+
+def test_two_processes_equal_one_process(cache):
+    args = [*TINY, "batch_size=16", "microbatch_size=4", "lr=1e-3", f"cache_dir={cache}"]
+    launch([*args, "exp_name=one"])
+    accelerate_launch([*args, "exp_name=two"], nproc=2)
+    one, two = Path(cache) / "one", Path(cache) / "two"
+    assert final_metrics(one)["world_size"] == 1
+    assert final_metrics(two)["world_size"] == 2  # two processes really ran
+    assert all(r["world_size"] == 2 for r in metrics(two))
+    w1, w2 = final_weights(one), final_weights(two)
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-4), name
+    moved = [r for r in metrics(one) if r["split"] == "train"][-1]["grad_norm"]
+    assert moved > 0
+    t1 = [r["loss"] for r in metrics(one) if r["split"] == "train"]
+    t2 = [r["loss"] for r in metrics(two) if r["split"] == "train"]
+    assert t1 == pytest.approx(t2, abs=1e-5)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["lrr=1e-4"], r"unknown config key 'lrr' \(did you mean 'lr'\?\)"),
+    (["model.max_lenght=64"], r"unknown config key 'model.max_lenght' \(did you mean 'max_length'\?\)"),
+    (["model=llama"], r"config key 'model.name_or_path' is required"),
+    (["datasets=[jsonl]"], r"datasets.jsonl.path' is required"),
+    (["batch_size=30", "microbatch_size=8"], r"batch_size \(30\) must be microbatch_size"),
+])
+def test_user_mistakes_give_one_clear_line(cache, args, expected):
+    proc = launch([*args, f"cache_dir={cache}"], check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert re.search(expected, lines[0]), lines[0]
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_readme_commands_run_in_reduced_form(cache):
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    train_cmd, test_cmd = [line.split("#")[0].strip() for line in block.strip().splitlines()[:2]]
+    assert train_cmd.startswith("bash scripts/setup.sh") and ".venv/bin/python launch.py" in train_cmd
+    assert test_cmd.startswith("bash scripts/setup.sh") and "pytest" in test_cmd
+    assert "pytest" in (ROOT / ".ci" / "run").read_text() and "scripts/setup.sh" in (ROOT / ".ci" / "run").read_text()
+    # The train command after setup, on less data so the test stays short.
+    launch_args = train_cmd.split(".venv/bin/python launch.py", 1)[1].split()
+    launch([*launch_args, f"cache_dir={cache}", "datasets.synthetic.n_train=64", "datasets.synthetic.n_test=32",
+            "n_eval_examples=32"])
+    exp = next(a.split("=", 1)[1] for a in launch_args if a.startswith("exp_name="))
+    assert (Path(cache) / exp / "FINAL" / "metrics.json").is_file()
+    # setup.sh is valid bash and installs torch before anything else
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "setup.sh")]).returncode == 0
+    assert setup.index("torch==2.13.0") < setup.index('-e ".[')
