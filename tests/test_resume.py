@@ -12,7 +12,7 @@ from tests.conftest import PYTHON, ROOT, TINY, accelerate_launch, env, final_met
 
 # 12 steps of 16 pairs; checkpoints every 2 steps, evals every 3 steps.
 RUN = [*TINY, "save_every=32", "eval_every=48", "lr=1e-3"]
-TIMING = ("pairs_per_s", "tokens_per_s")
+TIMING = ("pairs_per_s", "tokens_per_s", "train_seconds")
 
 
 def comparable(records):

@@ -28,6 +28,7 @@ class TrainState:
     skipped_steps: int = 0  # steps skipped for non-finite values (on_nonfinite=skip)
     last_eval_examples: int = -1  # examples at the last eval, so a resume does not repeat it
     wandb_id: Optional[str] = None  # the same wandb run continues after a resume
+    train_seconds: float = 0.0  # wall time in optimizer steps (data loading included), over resumes
 
 
 def atomic_write_text(path: str, text: str):

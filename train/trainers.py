@@ -138,7 +138,7 @@ class BasicTrainer:
         self.model.train()
         batches = iter(self.train_loader())
         while state.step < self.total_steps:
-            record = self.train_step([next(batches) for _ in range(self.accumulation)])
+            record = self.train_step(batches)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
             if self._crossed(cfg.eval_every) and state.step < self.total_steps:
@@ -160,10 +160,11 @@ class BasicTrainer:
         return DataLoader(self.train_ds, batch_sampler=plan, collate_fn=self.collate,
                           num_workers=self.cfg.num_workers)
 
-    def train_step(self, micro: list) -> dict:
-        """One optimizer step over this process's microbatches of it."""
+    def train_step(self, batches) -> dict:
+        """One optimizer step over the next `accumulation` microbatches of this process."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         start = time.perf_counter()
+        micro = [next(batches) for _ in range(self.accumulation)]
         lr = self.scheduler.get_last_lr()[0]
         sums = {"n": 0, "correct": 0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0, "loss": 0.0, "tokens": 0}
         for i, batch in enumerate(micro):
@@ -200,11 +201,13 @@ class BasicTrainer:
         state.step += 1
         state.examples += cfg.batch_size
         seconds = time.perf_counter() - start
+        state.train_seconds += seconds
         record = {"split": "train", "step": state.step, "examples": state.examples,
                   "loss": total[5] / n, "accuracy": total[1] / n, "margin": total[2] / n,
                   "chosen": total[3] / n, "rejected": total[4] / n, "grad_norm": float(grad_norm),
                   "lr": lr, "pairs_per_s": n / seconds, "tokens_per_s": total[6] / seconds,
-                  "skipped_steps": state.skipped_steps, "world_size": self.world}
+                  "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
+                  "world_size": self.world}
         self.tracker.log(record)
         fault_point("after_step", state.step)
         return {**record, "_stop": total[8] > 0}
