@@ -9,19 +9,21 @@ import hydra
 from train.build import build, in_multirun
 from train.config import check_overrides, register
 from train.errors import UserError
+from train.sweep import final_accuracy
 
 register()
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg):
+    """Returns the final eval accuracy: the objective a sweeper (hydra/sweeper=optuna_accuracy) maximises."""
     try:
         trainer = build(cfg)
-        if trainer is None:  # resume=auto on a finished run
-            return None
+        if trainer is None:  # resume=auto on a finished run: report the result it already has
+            return final_accuracy(cfg.local_run_dir)
         status = trainer.train()
         trainer.cleanup()
-        return {"status": status, **getattr(trainer, "last_eval", {})}
+        return trainer.last_eval["accuracy"] if status == "done" else None  # None: preempted, no result yet
     except UserError as err:
         if in_multirun():  # let the sweep record this job as failed and go on with the others
             raise

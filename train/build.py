@@ -12,11 +12,11 @@ from accelerate.utils import set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from train import checkpoint, trainers
+from train import checkpoint, sweep, trainers
 from train.config import validate
 from train.data.loader import load_examples, tokenize
 from train.errors import UserError
-from train.models import AutoModelForBradleyTerry, load_tokenizer
+from train.models import AutoModelForBradleyTerry, convert_gguf, load_tokenizer
 
 
 def in_multirun() -> bool:
@@ -30,6 +30,14 @@ def resolve_run_dir(cfg):
         if cfg.wandb.group is None:
             cfg.wandb.group = os.path.basename(os.path.normpath(HydraConfig.get().sweep.dir))
     return cfg.local_run_dir
+
+
+def share_cpu_between_jobs():
+    """Jobs of a sweep that share a machine (hydra/launcher=joblib, or submitit with cpus_per_task)
+    split its CPU cores instead of each starting one thread per core (train/sweep.py)."""
+    threads = sweep.threads_per_job(HydraConfig.get().launcher) if in_multirun() else None
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def resume_point(cfg, run_dir: str, log=print):
@@ -76,6 +84,7 @@ def fixed_eval_indices(n_test: int, n_eval: int, seed: int) -> list:
 def build(cfg):
     """The trainer for this config, or None when resume=auto finds the run already finished."""
     validate(cfg)
+    share_cpu_between_jobs()
     run_dir = resolve_run_dir(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
@@ -92,6 +101,9 @@ def build(cfg):
         raise UserError(f"loss.trainer '{cfg.loss.trainer}' is not a trainer class in train/trainers.py")
     set_seed(cfg.seed)
 
+    if cfg.model.name_or_path and cfg.model.name_or_path.endswith(".gguf"):
+        with accelerator.main_process_first():  # convert once; the other processes read the result
+            cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
                                cfg.model.trust_remote_code)
     cache = os.path.join(cfg.cache_dir, "tokenized")

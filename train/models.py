@@ -31,6 +31,43 @@ def _check_local_or_hub(name: str, what: str):
                         "pass a local path")
 
 
+def convert_gguf(gguf_path: str, cache_root: str) -> str:
+    """A GGUF checkpoint -> a safetensors model dir under cache_root, converted once.
+
+    Loading a GGUF dequantises it (about 20 s for 135M parameters) and the result cannot go
+    through save_pretrained directly, so the weights are written with safetensors' save_model
+    (which handles tied embeddings) next to the config and tokenizer, under a temporary name.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from train.checkpoint import is_complete, mark_complete_and_publish
+
+    if not os.path.isfile(gguf_path):
+        raise UserError(f"GGUF file '{gguf_path}' does not exist")
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    out = os.path.join(cache_root, stem)
+    if is_complete(out):
+        return out
+    import safetensors.torch
+    folder, name = os.path.split(gguf_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except ImportError as err:
+        raise UserError(f"loading {name} needs the gguf package: pip install gguf ({err})")
+    tmp = f"{out}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    # The weights are dequantised fp32 now: a leftover gguf quantization_config would make
+    # transformers treat the converted model as quantized and refuse to save it.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(tmp)
+    safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    mark_complete_and_publish(tmp, out)
+    return out
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     _check_local_or_hub(name_or_path, "tokenizer")
     try:

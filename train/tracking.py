@@ -18,7 +18,7 @@ class Tracker:
             import wandb
             self.wandb_run = wandb.init(
                 project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode,
-                group=cfg.wandb.group, name=cfg.exp_name, id=wandb_id, resume="allow",
+                group=cfg.wandb.group, name=run_name(cfg, run_dir), id=wandb_id, resume="allow",
                 dir=run_dir, config=config_dict)
 
     @property
@@ -49,6 +49,13 @@ class Tracker:
     def plot(self):
         if self.enabled and os.path.exists(self.path):
             plot_metrics(read_metrics(self.path), os.path.join(self.run_dir, "plots"))
+
+
+def run_name(cfg, run_dir: str) -> str:
+    """exp_name; a job of a sweep (a dir inside the sweep dir ${cache_dir}/${exp_name}) adds its
+    dir name, so the runs of one wandb group tell their settings apart."""
+    inside = os.path.relpath(run_dir, os.path.join(cfg.cache_dir, cfg.exp_name))
+    return cfg.exp_name if inside == "." or inside.startswith("..") else f"{cfg.exp_name}/{inside}"
 
 
 def read_metrics(path: str) -> list:
