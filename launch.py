@@ -2,6 +2,7 @@
 
 See README.md. Config lives in config/; the schema with every key's meaning is train/config.py.
 """
+import os
 import sys
 
 import hydra
@@ -17,18 +18,22 @@ register()
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg):
     """Returns the final eval accuracy: the objective a sweeper (hydra/sweeper=optuna_accuracy) maximises."""
+    trainer = None
     try:
         trainer = build(cfg)
         if trainer is None:  # resume=auto on a finished run: report the result it already has
             return final_accuracy(cfg.local_run_dir)
         status = trainer.train()
-        trainer.cleanup()
         return trainer.last_eval["accuracy"] if status == "done" else None  # None: preempted, no result yet
     except UserError as err:
         if in_multirun():  # let the sweep record this job as failed and go on with the others
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops; one of them says why
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if trainer is not None:  # also after a failure, so the next job of a sweep gets its own wandb run
+            trainer.cleanup(failed=sys.exc_info()[0] is not None)
 
 
 if __name__ == "__main__":

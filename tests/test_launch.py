@@ -40,7 +40,7 @@ def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(c
     from train.data.formatting import encode
     from train.data.loader import load_examples
     _, test = load_examples(cfg, log=lambda *a: None)
-    eval_pairs = [test[i] for i in fixed_eval_indices(len(test), cfg.n_eval_examples, cfg.seed)]
+    eval_pairs = [test[i] for i in fixed_eval_indices(len(test), cfg.n_eval_examples)]
     model = AutoModelForSequenceClassification.from_pretrained(run / "FINAL")
     tokenizer = AutoTokenizer.from_pretrained(run / "FINAL")
     assert model.config.num_labels == 2
@@ -94,14 +94,31 @@ def test_two_processes_equal_one_process(cache):
     (["model=llama"], r"config key 'model.name_or_path' is required"),
     (["datasets=[jsonl]"], r"datasets.jsonl.path' is required"),
     (["batch_size=30", "microbatch_size=8"], r"batch_size \(30\) must be microbatch_size"),
+    (["scheduler=cosin"], r"scheduler 'cosin' is not one of linear, cosine"),
+    (["model.dtype=bf16"], r"model.dtype 'bf16' is not one of float32, bfloat16"),
+    (["model=lama"], r"unknown model 'lama' \(did you mean 'llama'\?\)"),
+    (["n_examples=5"], r"n_examples \(5\) must be at least batch_size \(32\)"),
+    (["model.name_or_path=${pkg:not_a_package,model}"], r"package 'not_a_package' is not installed"),
+    (["model=tiny-llama", "datasets.synthetic.n_test=0"], r"0 held-out pairs: both must be at least 1"),
+    (["model=tiny-llama", "datasets.synthetic.n_train=12"], r"12 training pairs make no full batch of batch_size=32"),
 ])
 def test_user_mistakes_give_one_clear_line(cache, args, expected):
     proc = launch([*args, f"cache_dir={cache}"], check=False)
     assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "tokenizing" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr  # progress bars aside
     assert re.search(expected, lines[0]), lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_epochs_and_n_examples_count_whole_batches(cache):
+    # 40 pairs, batch 16: 2 steps per epoch (8 pairs dropped each epoch), 3 epochs -> 6 steps
+    args = ["model=tiny-llama", "datasets.synthetic.n_train=40", "datasets.synthetic.n_test=16", "n_eval_examples=16",
+            "batch_size=16", "microbatch_size=8", "n_epochs=3", f"cache_dir={cache}"]
+    launch([*args, "exp_name=epochs"])
+    assert [r["step"] for r in metrics(Path(cache) / "epochs") if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    launch([*args, "exp_name=capped", "n_examples=70"])  # 70 pairs -> 4 whole steps
+    assert final_metrics(Path(cache) / "capped")["train_examples"] == 64
 
 
 def test_readme_commands_run_in_reduced_form(cache):

@@ -48,6 +48,26 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path, reference, kill_at)
     assert_same_run(run, reference)
 
 
+def test_kill_before_any_checkpoint_restarts_without_duplicate_records(tmp_path, reference):
+    cache = str(tmp_path)
+    args = [a for a in RUN if not a.startswith("save_every")]
+    killed = launch([*args, f"cache_dir={cache}", "exp_name=run"], check=False,
+                    extra_env={"REWARD_HARNESS_KILL_AT": "after_step:5"})
+    assert killed.returncode == -signal.SIGKILL and len(metrics(Path(cache) / "run")) > 5
+    launch([*args, f"cache_dir={cache}", "exp_name=run", "resume=auto"])  # nothing to resume: a fresh start
+    assert_same_run(Path(cache) / "run", reference)
+
+
+def test_resume_is_exact_with_dropout_on(tmp_path):
+    cache = str(tmp_path)
+    args = [*RUN, "model.disable_dropout=false", "+model.init_config.attention_dropout=0.3",
+            "+model.init_config.hidden_dropout=0.3", f"cache_dir={cache}"]
+    launch([*args, "exp_name=ref"])
+    launch([*args, "exp_name=run"], check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:7"})
+    launch([*args, "exp_name=run", "resume=auto"])
+    assert_same_run(Path(cache) / "run", Path(cache) / "ref")
+
+
 def test_kill_during_save_leaves_previous_checkpoint_and_resume_uses_it(tmp_path, reference):
     cache = str(tmp_path)
     killed = launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False,
@@ -80,6 +100,8 @@ def test_resume_from_explicit_path_and_refusal_to_overwrite(tmp_path, reference)
     launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:9"})
     again = launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False)
     assert again.returncode == 2 and "already holds checkpoints: pass resume=auto" in again.stderr
+    changed = launch([*RUN, f"cache_dir={cache}", "exp_name=run", "resume=auto", "lr=2e-3"], check=False)
+    assert changed.returncode == 2 and "'lr' was 0.001 in the checkpointed run, now 0.002" in changed.stderr
     step4 = Path(cache) / "run" / "checkpoints" / "step-8"
     launch([*RUN, f"cache_dir={cache}", "exp_name=run", f"resume={step4}"])
     assert_same_run(Path(cache) / "run", reference)

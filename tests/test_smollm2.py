@@ -32,7 +32,7 @@ def test_smollm2_gguf_converts_once_trains_and_final_scores_like_the_trainer(tmp
     from train.data.loader import load_examples
     cfg = OmegaConf.load(run / "config.yaml")
     _, test = load_examples(cfg, log=lambda *a: None)
-    pair = test[fixed_eval_indices(len(test), cfg.n_eval_examples, cfg.seed)[0]]
+    pair = test[fixed_eval_indices(len(test), cfg.n_eval_examples)[0]]
     first = json.loads((run / "generated_predictions.jsonl").read_text().splitlines()[0])
     ids = encode(tokenizer, pair.prompt, pair.chosen, cfg.model.max_length, cfg.model.max_prompt_length)["input_ids"]
     with torch.no_grad():

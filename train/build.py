@@ -60,13 +60,32 @@ def resume_point(cfg, run_dir: str, log=print):
     return cfg.resume
 
 
-def build_model(cfg, tokenizer):
+# What must not change between a checkpoint and its resume, or the continuation is not exact.
+SAME_ON_RESUME = ("seed", "lr", "optimizer", "weight_decay", "warmup", "scheduler", "n_epochs", "n_examples",
+                  "batch_size", "max_grad_norm", "loss", "model", "datasets")
+
+
+def check_resume_config(cfg, run_dir: str):
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    saved = OmegaConf.load(path)
+    for key in SAME_ON_RESUME:
+        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
+        old = OmegaConf.to_container(old, resolve=True) if OmegaConf.is_config(old) else old
+        new = OmegaConf.to_container(new, resolve=True) if OmegaConf.is_config(new) else new
+        if old != new:
+            raise UserError(f"cannot resume {run_dir}: '{key}' was {old!r} in the checkpointed run, now {new!r} "
+                            "(an exact continuation needs the same setting)")
+
+
+def build_model(cfg, tokenizer, model_class=AutoModelForBradleyTerry):
     m = cfg.model
     if m.name_or_path is None:
-        model = AutoModelForBradleyTerry.from_config(OmegaConf.to_container(m.init_config), m.dtype,
+        model = model_class.from_config(OmegaConf.to_container(m.init_config), m.dtype,
                                                      tokenizer.pad_token_id, m.disable_dropout, cfg.seed)
     else:
-        model = AutoModelForBradleyTerry.from_pretrained(m.name_or_path, m.dtype, tokenizer.pad_token_id,
+        model = model_class.from_pretrained(m.name_or_path, m.dtype, tokenizer.pad_token_id,
                                                          m.attn_implementation, m.trust_remote_code,
                                                          m.disable_dropout)
     if m.activation_checkpointing:
@@ -74,8 +93,9 @@ def build_model(cfg, tokenizer):
     return model
 
 
-def fixed_eval_indices(n_test: int, n_eval: int, seed: int) -> list:
-    """The same eval pairs at every eval of a run, and for every run with the same seed."""
+def fixed_eval_indices(n_test: int, n_eval: int, seed: int = 0) -> list:
+    """The same eval pairs at every eval of a run, and for every run on the same data: the eval
+    seed is not the training seed, so the jobs of a seed sweep are scored on the same pairs."""
     order = list(range(n_test))
     random.Random(seed).shuffle(order)
     return sorted(order[:n_eval])
@@ -93,12 +113,12 @@ def build(cfg):
     if resume == "finished":
         log(f"{run_dir}/FINAL exists: run already finished, nothing to do")
         return None
+    if resume:
+        check_resume_config(cfg, run_dir)
     if accelerator.is_main_process:
         os.makedirs(run_dir, exist_ok=True)
         checkpoint.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
-    trainer_class = getattr(trainers, cfg.loss.trainer, None)
-    if not (isinstance(trainer_class, type) and issubclass(trainer_class, trainers.BasicTrainer)):
-        raise UserError(f"loss.trainer '{cfg.loss.trainer}' is not a trainer class in train/trainers.py")
+    trainer_class = getattr(trainers, cfg.loss.trainer)  # checked by validate()
     set_seed(cfg.seed)
 
     if cfg.model.name_or_path and cfg.model.name_or_path.endswith(".gguf"):
@@ -107,14 +127,23 @@ def build(cfg):
     tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
                                cfg.model.trust_remote_code)
     cache = os.path.join(cfg.cache_dir, "tokenized")
+    # Every process reads and checks the data, so a bad row stops them all with the same line.
+    train_examples, test_examples = load_examples(cfg, log)
+    if not train_examples or not test_examples:
+        raise UserError(f"the data config gives {len(train_examples)} training and {len(test_examples)} held-out pairs: "
+                        "both must be at least 1")
     with accelerator.main_process_first():  # tokenise once; the other processes read the cache
-        train_examples, test_examples = load_examples(cfg, log)
         train_ds, train_counts = tokenize(train_examples, tokenizer, cfg.model, cache)
         test_ds, test_counts = tokenize(test_examples, tokenizer, cfg.model, cache)
     counts = {f"{split}_{k}": v for split, c in (("train", train_counts), ("test", test_counts)) for k, v in c.items()}
     log(f"data: {len(train_ds)} train pairs, {len(test_ds)} test pairs; truncated/dropped: {counts}")
-    eval_ds = test_ds.select(fixed_eval_indices(len(test_ds), cfg.n_eval_examples, cfg.seed))
-    model = build_model(cfg, tokenizer)
+    for split, ds in (("training", train_ds), ("held-out", test_ds)):
+        if len(ds) == 0:
+            raise UserError(f"no {split} pairs fit model.max_length={cfg.model.max_length} with truncation=drop")
+    if cfg.n_eval_examples > len(test_ds):
+        log(f"n_eval_examples={cfg.n_eval_examples} but only {len(test_ds)} held-out pairs: evaluating on all of them")
+    eval_ds = test_ds.select(fixed_eval_indices(len(test_ds), cfg.n_eval_examples))
+    model = build_model(cfg, tokenizer, trainer_class.policy_hf_model_class)
     return trainer_class(cfg, accelerator, model, tokenizer, train_ds, eval_ds, run_dir,
                          resume_from=resume, config_dict=OmegaConf.to_container(cfg, resolve=True),
                          data_counts=counts)

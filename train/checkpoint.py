@@ -47,9 +47,13 @@ def is_complete(path: str) -> bool:
 def mark_complete_and_publish(tmp_dir: str, final_dir: str):
     """Marker last, then one rename: a reader sees either nothing or a complete dir."""
     atomic_write_text(os.path.join(tmp_dir, MARKER), "")
-    if os.path.exists(final_dir):  # an incomplete leftover of the same name
-        shutil.rmtree(final_dir)
+    old = None
+    if os.path.exists(final_dir):  # moved aside first, so final_dir is never missing or half-deleted
+        old = f"{final_dir}.old-{os.getpid()}"
+        os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_dirs(run_dir: str) -> tuple:
@@ -72,8 +76,8 @@ def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -84,7 +88,7 @@ def set_rng_state(state: dict):
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_rng(tmp_dir: str, rank: int):
@@ -102,11 +106,11 @@ def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState):
 def load(path: str, model, optimizer, scheduler, rank: int) -> TrainState:
     """Restore weights, optimizer (with Adam's moments), scheduler and this process's RNG."""
     load_model(model, os.path.join(path, "model.safetensors"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
-    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
     rng_file = os.path.join(path, f"rng-{rank}.pt")
     if os.path.exists(rng_file):  # resuming on more processes than saved: the new ones start fresh
-        set_rng_state(torch.load(rng_file, weights_only=True))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     with open(os.path.join(path, "state.json")) as f:
         state = TrainState(**json.load(f))
     # The optimizer must really hold its moments again (a merged dict can silently drop them).

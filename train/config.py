@@ -6,13 +6,13 @@ misspelled command-line key into one line with a suggestion before Hydra prints 
 """
 import difflib
 import importlib.util
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from train.data.formatting import TRUNCATION_POLICIES
 from train.errors import UserError
@@ -155,8 +155,15 @@ def check_overrides(argv: List[str]):
         overrides = OverridesParser.create().parse_overrides(args)
     except Exception as err:  # Hydra's grammar errors are already one clear line
         raise UserError(str(err).splitlines()[0])
+    config_dir = Path(__file__).resolve().parent.parent / "config"
     for override in overrides:
         key = override.key_or_group
+        if key in GROUPS and override.is_sweep_override() is False:
+            value = override.value()
+            for name in value if isinstance(value, list) else [value]:
+                if not (config_dir / key / f"{name}.yaml").is_file():
+                    known = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+                    raise UserError(f"unknown {key} '{name}'{_suggest(str(name), known)}; known: {', '.join(known)}")
         if key.startswith("hydra") or key in GROUPS or override.is_delete():
             continue
         _check_key(key)
@@ -172,6 +179,8 @@ def validate(cfg: DictConfig):
         raise UserError(f"config key '{key}' is required but not set{hint}")
     except (ConfigKeyError, ValidationError) as err:
         raise UserError(f"config error: {str(err).splitlines()[0]}")
+    except InterpolationResolutionError as err:  # e.g. ${pkg:...} of a package that is not installed
+        raise UserError(str(err).splitlines()[0].replace("UserError raised while resolving interpolation: ", ""))
     if cfg.model.name_or_path is None and cfg.model.init_config is None:
         raise UserError("set model.name_or_path (a local dir or hub id) or model.init_config")
     if cfg.model.truncation not in TRUNCATION_POLICIES:
@@ -184,12 +193,35 @@ def validate(cfg: DictConfig):
                 "eval_every", "keep_last_n_checkpoints"):
         if cfg[key] < 1:
             raise UserError(f"{key} must be at least 1, got {cfg[key]}")
+    if cfg.n_examples is not None and cfg.n_examples < cfg.batch_size:
+        raise UserError(f"n_examples ({cfg.n_examples}) must be at least batch_size ({cfg.batch_size})")
+    _check_names(cfg)
     if not 0 <= cfg.warmup < 1:
         raise UserError(f"warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
     if not cfg.datasets:
         raise UserError("no dataset selected: pass datasets=[synthetic] or datasets=[jsonl] ...")
     for name, options in cfg.datasets.items():
         source_options(name, options)
+
+
+def _check_names(cfg):
+    """Names that pick a class or function, checked before any model loads."""
+    import torch
+    from transformers import SchedulerType
+
+    from train import trainers
+    from train.models import DTYPES
+
+    schedulers = [t.value for t in SchedulerType]
+    if cfg.scheduler not in schedulers:
+        raise UserError(f"scheduler '{cfg.scheduler}' is not one of {', '.join(schedulers)}")
+    if cfg.model.dtype not in DTYPES:
+        raise UserError(f"model.dtype '{cfg.model.dtype}' is not one of {', '.join(DTYPES)}")
+    if not isinstance(getattr(torch.optim, cfg.optimizer, None), type):
+        raise UserError(f"optimizer '{cfg.optimizer}' is not a class in torch.optim")
+    trainer = getattr(trainers, cfg.loss.trainer, None)
+    if not (isinstance(trainer, type) and issubclass(trainer, trainers.BasicTrainer)):
+        raise UserError(f"loss.trainer '{cfg.loss.trainer}' is not a trainer class in train/trainers.py")
 
 
 def source_options(name: str, options) -> DictConfig:

@@ -64,6 +64,10 @@ def convert_gguf(gguf_path: str, cache_root: str) -> str:
     model.config.save_pretrained(tmp)
     safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
+    if is_complete(out):  # another job converted it meanwhile: keep theirs, which may be in use
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     mark_complete_and_publish(tmp, out)
     return out
 
@@ -100,7 +104,8 @@ class AutoModelForBradleyTerry(nn.Module):
                         attn_implementation=None, trust_remote_code: bool = False,
                         disable_dropout: bool = True):
         _check_local_or_hub(name_or_path, "model")
-        kwargs = {"num_labels": 2, "dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+        kwargs = {"num_labels": 2, "dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code,
+                  "use_safetensors": True}  # never unpickle weights
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
         # The load report would list the fresh 2-logit head as MISSING: expected for a new reward
@@ -132,6 +137,11 @@ class AutoModelForBradleyTerry(nn.Module):
             for module in hf_model.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
+                if isinstance(getattr(module, "attention_dropout", None), float):
+                    module.attention_dropout = 0.0  # decoders apply this one functionally
+            for key, value in vars(hf_model.config).items():  # and keep it off in the saved config
+                if "dropout" in key and isinstance(value, float):
+                    setattr(hf_model.config, key, 0.0)
         return cls(hf_model)
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:

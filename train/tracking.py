@@ -42,9 +42,10 @@ class Tracker:
         kept = [line for line in read_metrics(self.path) if line["examples"] <= examples]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def finish(self):
+    def finish(self, exit_code: int = 0):
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
 
     def plot(self):
         if self.enabled and os.path.exists(self.path):

@@ -68,13 +68,11 @@ class BasicTrainer:
         self.data_counts = data_counts or {}
         self.per_process, self.accumulation = batch_plan(cfg, self.world)
         self.steps_per_epoch = len(train_ds) // cfg.batch_size  # an incomplete last batch is dropped
-        total = len(train_ds) * cfg.n_epochs
-        if cfg.n_examples is not None:
-            total = min(total, cfg.n_examples)
-        self.total_steps = total // cfg.batch_size
-        if self.total_steps == 0:
-            raise UserError(f"{total} training pairs make no full batch of batch_size={cfg.batch_size}")
-
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(train_ds)} training pairs make no full batch of batch_size={cfg.batch_size}")
+        self.total_steps = cfg.n_epochs * self.steps_per_epoch
+        if cfg.n_examples is not None:  # a cap on pairs, rounded down to whole optimizer steps
+            self.total_steps = min(self.total_steps, cfg.n_examples // cfg.batch_size)
         optimizer_class = getattr(torch.optim, cfg.optimizer, None)
         if optimizer_class is None:
             raise UserError(f"optimizer '{cfg.optimizer}' is not a class in torch.optim")
@@ -91,8 +89,8 @@ class BasicTrainer:
         self.tracker = Tracker(run_dir, cfg, enabled=accelerator.is_main_process,
                                wandb_id=self.state.wandb_id, config_dict=config_dict)
         self.state.wandb_id = self.tracker.wandb_id or self.state.wandb_id
-        if resume_from:
-            self.tracker.truncate_after(self.state.examples)
+        # Records written after the checkpoint (or by a run killed before its first one) go.
+        self.tracker.truncate_after(self.state.examples if resume_from else -1)
         self.stop_requested = False
         self.n_evals = self.n_saves = 0  # in this process's life, for fault_point
 
@@ -157,8 +155,10 @@ class BasicTrainer:
     def train_loader(self) -> DataLoader:
         """This process's microbatches from the current step to the end, in order."""
         plan = [mb for step in range(self.state.step, self.total_steps) for mb in self.microbatches(step)]
+        # Its own generator: iter() would otherwise draw from the global torch RNG, which a resume
+        # has just restored, and shift every dropout mask after it.
         return DataLoader(self.train_ds, batch_sampler=plan, collate_fn=self.collate,
-                          num_workers=self.cfg.num_workers)
+                          num_workers=self.cfg.num_workers, generator=torch.Generator())
 
     def train_step(self, batches) -> dict:
         """One optimizer step over the next `accumulation` microbatches of this process."""
@@ -188,7 +188,10 @@ class BasicTrainer:
         total = acc.reduce(local, reduction="sum").tolist()
         n = total[0]
         finite = total[7] == 0 and math.isfinite(float(grad_norm))
-        if finite:
+        if acc.scaler is not None:  # fp16 loss scaling: overflow steps are normal, the scaler skips them
+            self.optimizer.step()
+            state.skipped_steps += int(acc.optimizer_step_was_skipped)
+        elif finite:
             self.optimizer.step()
         elif cfg.on_nonfinite == "skip":
             state.skipped_steps += 1
@@ -304,11 +307,11 @@ class BasicTrainer:
         """FINAL/: save_pretrained weights + tokenizer + metrics.json, written under a temp name."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        model = acc.unwrap_model(self.model)
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # checked on every process (the weights are replicated), so all stop together
+            raise NonFiniteError(f"non-finite weights ({bad[0]}...): FINAL not written")
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-            if bad:
-                raise NonFiniteError(f"non-finite weights ({bad[0]}...): FINAL not written")
             tmp = os.path.join(self.run_dir, ".tmp-FINAL")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp)
@@ -322,8 +325,8 @@ class BasicTrainer:
             self._say(f"final eval accuracy {final_metrics['accuracy']:.3f}; saved {self.run_dir}/FINAL")
         acc.wait_for_everyone()
 
-    def cleanup(self):
-        self.tracker.finish()
+    def cleanup(self, failed: bool = False):
+        self.tracker.finish(exit_code=1 if failed else 0)
 
 
 class PairedPreferenceTrainer(BasicTrainer):

@@ -68,7 +68,7 @@ def tokenize(examples, tokenizer, model_cfg, cache_dir: str) -> tuple:
     ds = raw.map(encode_batch, batched=True, remove_columns=raw.column_names,
                  cache_file_name=os.path.join(cache_dir, f"tokenized-{key}.arrow"),
                  desc="tokenizing", new_fingerprint=key)
-    counts = {"truncated": int(sum(ds["truncated"])), "dropped": len(raw) - len(ds)}
+    counts = {"truncated": int(sum(ds["truncated"])) if len(ds) else 0, "dropped": len(raw) - len(ds)}
     return ds.with_format(None), counts
 
 
