@@ -109,6 +109,11 @@ def build(cfg):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     trainers.batch_plan(cfg, accelerator.num_processes)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        # Eval, checkpoints and FINAL read the unwrapped model on one process, which is only right
+        # when every process holds all the weights (DDP); sharded training would save a shard.
+        raise UserError(f"distributed_type {accelerator.distributed_type.name} is not supported by this trainer yet: "
+                        "use DDP (accelerate_config/ddp_gpu.yaml) with model.dtype=bfloat16 and activation checkpointing")
     resume = resume_point(cfg, run_dir, log)
     if resume == "finished":
         log(f"{run_dir}/FINAL exists: run already finished, nothing to do")

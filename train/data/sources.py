@@ -48,7 +48,7 @@ def read_rows(path: str) -> Iterator[Tuple[int, object]]:
                 yield number, RowError(f"not valid JSON ({err.msg})")
 
 
-def _text(row: dict, name: str) -> str:
+def text_field(row: dict, name: str) -> str:
     if name not in row:
         raise RowError(f"field '{name}': missing")
     value = row[name]
@@ -59,7 +59,7 @@ def _text(row: dict, name: str) -> str:
     return value
 
 
-def _prompt(row: dict, name: str = "prompt"):
+def prompt_field(row: dict, name: str = "prompt"):
     """A prompt is a non-empty string or a list of {role, content} turns."""
     value = row.get(name)
     if isinstance(value, list):
@@ -67,14 +67,14 @@ def _prompt(row: dict, name: str = "prompt"):
                                 and isinstance(t.get("content"), str) for t in value):
             raise RowError(f"field '{name}': a list must hold {{role, content}} turns of strings")
         return value
-    return _text(row, name)
+    return text_field(row, name)
 
 
 def preference_row(row) -> PreferenceExample:
     """{prompt, chosen, rejected[, margin, subset]} -> PreferenceExample."""
     if not isinstance(row, dict):
         raise RowError(f"expected a JSON object, got {type(row).__name__}")
-    prompt, chosen, rejected = _prompt(row), _text(row, "chosen"), _text(row, "rejected")
+    prompt, chosen, rejected = prompt_field(row), text_field(row, "chosen"), text_field(row, "rejected")
     if chosen == rejected:
         raise RowError("field 'rejected': identical to 'chosen'")
     margin = row.get("margin")
@@ -96,7 +96,7 @@ def feedback_row(row) -> PreferenceExample:
     if row.get("type") != "pairwise_feedback":
         raise RowError(f"field 'type': expected 'pairwise_feedback', got {row.get('type')!r} "
                        "(train on pairwise feedback; binary/scalar files have no pairs)")
-    prompt, a, b = _prompt(row), _text(row, "output_A"), _text(row, "output_B")
+    prompt, a, b = prompt_field(row), text_field(row, "output_A"), text_field(row, "output_B")
     label = row.get("label")
     if label not in (0, 1) or isinstance(label, bool):
         raise RowError(f"field 'label': expected 0 or 1, got {label!r}")

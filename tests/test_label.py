@@ -1,0 +1,515 @@
+"""python -m train.label: scalar, binary and pairwise feedback from a trained tiny-llama run.
+
+The run is trained once per module (launch.py, with a checkpoint and write_predictions=true).
+Labeling runs as a user runs it, in subprocesses (accelerate launch for 2 processes); the quick
+variants call train.label.main in-process. Pair selection and the JSON array reader are unit
+tested on hand-made numbers.
+"""
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ACCELERATE, PYTHON, ROOT, env, launch
+from train import label as label_module
+from train.data.formatting import encode
+from train.data.synthetic import synthetic_examples
+from train.labeling import feedback, samples as sample_files
+from train.models import AutoModelForBradleyTerry, load_tokenizer
+
+# Other jobs share this machine's cores: one thread per process avoids OpenMP spin-waiting,
+# which otherwise makes a tiny model's forward 10x slower. It changes no result.
+LABEL_ENV = env(OMP_NUM_THREADS=1)
+# Peak RSS of this process in kB. VmHWM, not ru_maxrss: on Linux ru_maxrss survives fork+exec, so
+# a child started by this (large) pytest process would report pytest's size as its own peak.
+HWM = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+# Runs train.label and prints the peak RSS (kB) of its main process and of its DataLoader worker
+# (forked, not exec'd, so ru_maxrss is the worker's own peak) on stderr, for the memory test.
+PEAK = ("import resource, runpy, sys\nsys.argv = ['train.label'] + sys.argv[1:]\n"
+        "try:\n    runpy.run_module('train.label', run_name='__main__', alter_sys=True)\n"
+        f"finally:\n    print('peak_rss_kb', {HWM}, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
+        " file=sys.stderr)\n")
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def write_samples(path, n_prompts, per_prompt=3, filler=0, seed=0):
+    """Samples as train.sample writes them: per prompt its chosen, its rejected and (third) another
+    prompt's chosen answer. Every 4th prompt is a chat (list of turns). `filler` adds a carried field."""
+    examples = synthetic_examples("train", n_prompts + 1, seed)
+    rows = []
+    for i, e in enumerate(examples[:-1]):
+        prompt = [{"role": "user", "content": e.prompt}] if i % 4 == 3 else e.prompt
+        other = examples[i + 1].chosen
+        other = other if other not in (e.chosen, e.rejected) else other + " Indeed."
+        for k, output in enumerate([e.chosen, e.rejected, other][:per_prompt]):
+            row = {"prompt_id": f"p{i}", "sample_id": k, "prompt": prompt, "output": output, "split": "test"}
+            if filler:
+                row["meta"] = "x" * filler
+            rows.append(row)
+    with open(path, "w") as f:
+        if str(path).endswith(".jsonl"):
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        else:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+def label(*args, check=True, peak=False):
+    cmd = [PYTHON, "-c", PEAK] if peak else [PYTHON, "-m", "train.label"]
+    proc = subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=LABEL_ENV, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.label failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def peak_kb(proc) -> tuple:
+    """(main process, worker) peak RSS in kB."""
+    main, worker = proc.stderr.rsplit("peak_rss_kb", 1)[1].split()[:2]
+    return int(main), int(worker)
+
+
+def read_output(path):
+    text = Path(path).read_text()
+    return [json.loads(line) for line in text.splitlines()] if str(path).endswith(".jsonl") else json.loads(text)
+
+
+def label_in_process(capsys, *args):
+    """train.label.main in this process: (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        label_module.main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process scoring on one thread, as in the subprocesses (LABEL_ENV): the same rewards, bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny-llama run: FINAL, checkpoints/step-6 and generated_predictions.jsonl."""
+    cache = tmp_path_factory.mktemp("label-run")
+    launch(["model=tiny-llama", "datasets.synthetic.n_train=192", "datasets.synthetic.n_test=48",
+            "n_eval_examples=48", "batch_size=16", "microbatch_size=8", "eval_every=1000",
+            "save_every=96", "write_predictions=true", f"cache_dir={cache}", "exp_name=rm"],
+           extra_env={"OMP_NUM_THREADS": 1})
+    return cache / "rm"
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    path = tmp_path_factory.mktemp("samples") / "samples.json"
+    return path, write_samples(path, 60)
+
+
+@pytest.fixture(scope="module")
+def scalar(run, samples, tmp_path_factory):
+    """The scalar labels of `samples` by FINAL, 1 process, JSON array output."""
+    out = tmp_path_factory.mktemp("scalar") / "scalar.json"
+    proc = label("--reward_model_path", run / "FINAL", samples[0], out)
+    assert "1 process(es)" in proc.stdout
+    return read_output(out)
+
+
+@pytest.fixture(scope="module")
+def reference_10k(run, tmp_path_factory):
+    """10k samples labelled without interruption; also the memory baseline."""
+    root = tmp_path_factory.mktemp("big")
+    write_samples(root / "samples.jsonl", 5_000, per_prompt=2, filler=200)
+    proc = label("--reward_model_path", run / "FINAL", "--batch_size", 256, "--num_workers", 1,
+                 root / "samples.jsonl", root / "reference.jsonl", peak=True)
+    return root, read_output(root / "reference.jsonl"), peak_kb(proc)
+
+
+def one_at_a_time(model_dir, rows, run_dir, weights=None):
+    """Rewards scored one sample per forward, no padding, straight from transformers + encode."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(run_dir / "config.yaml").model
+    tokenizer = load_tokenizer(str(model_dir))
+    model = AutoModelForBradleyTerry.from_pretrained(str(model_dir), pad_token_id=tokenizer.pad_token_id).eval()
+    if weights:
+        from safetensors.torch import load_model
+        load_model(model, str(weights))
+    rewards = []
+    with torch.no_grad():
+        for row in rows:
+            ids = encode(tokenizer, row["prompt"], row["output"], cfg.max_length, cfg.max_prompt_length)["input_ids"]
+            rewards.append(model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item())
+    return rewards
+
+
+# ---- scalar -----------------------------------------------------------------------------------------
+def test_scalar_keeps_every_field_and_scores_like_training(run, samples, scalar):
+    rows = samples[1]
+    assert [{k: v for k, v in r.items() if k not in ("reward", "type")} for r in scalar] == rows
+    assert {r["type"] for r in scalar} == {"scalar_feedback"}
+    expected = one_at_a_time(run / "FINAL", rows, run)
+    assert [r["reward"] for r in scalar] == pytest.approx(expected, abs=1e-5)
+    assert len({round(r["reward"], 6) for r in scalar}) > len(rows) // 2  # not a constant
+
+
+def test_checkpoint_dir_is_rebuilt_from_the_run_config(run, samples, scalar, tmp_path):
+    step = run / "checkpoints" / "step-6"
+    assert not (step / "config.json").exists()
+    out = tmp_path / "ckpt.jsonl"
+    label("--reward_model_path", step, samples[0], out)
+    rewards = [r["reward"] for r in read_output(out)]
+    assert rewards == pytest.approx(one_at_a_time(run / "FINAL", samples[1][:len(rewards)], run,
+                                                  weights=step / "model.safetensors"), abs=1e-5)
+    assert max(abs(a - r["reward"]) for a, r in zip(rewards, scalar)) > 1e-6  # other weights than FINAL
+
+
+def test_max_length_override_and_split_filter(run, samples, scalar, tmp_path, capsys):
+    rows = samples[1]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps({**r, "split": "train" if i % 2 else "test"}) + "\n"
+                             for i, r in enumerate(rows)))
+    out = tmp_path / "test-split.json"
+    code, stdout, _ = label_in_process(capsys, "--reward_model_path", run / "FINAL", "--split", "test",
+                                       "--max_length", 12, mixed, out)
+    assert code == 0 and int(re.search(r"(\d+) of those truncated", stdout).group(1)) > len(rows) // 4
+    labelled = read_output(out)
+    assert [r["sample_id"] for r in labelled] == [r["sample_id"] for r in rows[::2]]
+    assert [r["split"] for r in labelled] == ["test"] * len(labelled)
+    short = [r["reward"] for r in labelled]
+    full = [r["reward"] for r in scalar[::2]]
+    assert short != pytest.approx(full, abs=1e-5)  # 12 tokens cut most samples
+
+
+# ---- binary and pairwise ----------------------------------------------------------------------------
+@pytest.mark.parametrize("threshold", [None, "mean", "0.2"])
+def test_binary_labels_follow_the_threshold(run, samples, scalar, tmp_path, capsys, threshold):
+    out = tmp_path / "binary.json"
+    extra = [] if threshold is None else ["--threshold", threshold]
+    code, stdout, stderr = label_in_process(capsys, "--reward_model_path", run / "FINAL", "--feedback_type",
+                                            "binary", *extra, samples[0], out)
+    assert code == 0, stderr
+    rows = read_output(out)
+    rewards = [r["reward"] for r in rows]
+    assert rewards == pytest.approx([r["reward"] for r in scalar], abs=1e-6)
+    cut = {None: statistics.median(rewards), "mean": statistics.fmean(rewards), "0.2": 0.2}[threshold]
+    assert [r["label"] for r in rows] == [int(r >= cut) for r in rewards]
+    assert {r["type"] for r in rows} == {"binary_feedback"}
+    for row, sample in zip(rows, samples[1]):
+        assert {k: row[k] for k in ("prompt_id", "prompt", "output", "sample_id")} == \
+               {k: sample[k] for k in ("prompt_id", "prompt", "output", "sample_id")}
+    if threshold is None:  # median: half the samples at least
+        assert sum(r["label"] for r in rows) == sum(r >= cut for r in rewards) >= len(rows) // 2
+
+
+def by_prompt(scalar):
+    groups = {}
+    for r in scalar:
+        groups.setdefault(r["prompt_id"], []).append(r)
+    return groups
+
+
+@pytest.mark.parametrize("mode,threshold", [("max", None), ("min", None), ("random", None),
+                                            ("max", "median"), ("random", "mean"), ("min", "0.001")])
+def test_pairwise_pairs_follow_mode_and_threshold(run, samples, scalar, tmp_path, capsys, mode, threshold):
+    out = tmp_path / "pairs.jsonl"
+    extra = [] if threshold is None else ["--threshold", threshold]
+    code, stdout, stderr = label_in_process(capsys, "--reward_model_path", run / "FINAL", "--feedback_type",
+                                            "pairwise", "--feedback_mode", mode, *extra, samples[0], out)
+    assert code == 0, stderr
+    pairs = read_output(out)
+    groups = by_prompt(scalar)
+    reward_of = {(r["prompt_id"], r["output"]): r["reward"] for r in scalar}
+    for p in pairs:
+        assert p["type"] == "pairwise_feedback" and p["output_A"] != p["output_B"]
+        assert p["reward_A"] == pytest.approx(reward_of[(p["prompt_id"], p["output_A"])], abs=1e-6)
+        assert p["reward_B"] == pytest.approx(reward_of[(p["prompt_id"], p["output_B"])], abs=1e-6)
+        assert p["label"] == int(p["reward_A"] > p["reward_B"])
+        assert p["reward_difference"] == pytest.approx(abs(p["reward_A"] - p["reward_B"]))
+        assert p["prompt"] == groups[p["prompt_id"]][0]["prompt"]
+    assert {p["label"] for p in pairs} == {0, 1}  # A/B order is shuffled
+    assert len({p["prompt_id"] for p in pairs}) == len(pairs)  # 3 samples: at most one pair per prompt
+    gaps = {pid: sorted(r["reward"] for r in g) for pid, g in groups.items()}
+    if mode == "max":
+        candidates = {pid: g[-1] - g[0] for pid, g in gaps.items()}
+        cut = statistics.median(candidates.values()) if threshold == "median" else 0.0
+        assert {p["prompt_id"] for p in pairs} == {pid for pid, gap in candidates.items() if gap > cut}
+        for p in pairs:
+            assert sorted([p["reward_A"], p["reward_B"]]) == pytest.approx(
+                [gaps[p["prompt_id"]][0], gaps[p["prompt_id"]][-1]], abs=1e-6)
+    if mode == "min":
+        cut = float(threshold or 0)
+        for p in pairs:
+            g = gaps[p["prompt_id"]]
+            closest = min(b - a for i, a in enumerate(g) for b in g[i + 1:] if b - a > cut)
+            assert p["reward_difference"] == pytest.approx(closest, abs=1e-6)
+    if threshold == "mean":  # random pairs: the gap exceeds the mean gap of the candidate pairs
+        assert 0 < len(pairs) < len(groups)
+
+
+def test_pairwise_leaves_out_repeated_outputs(run, tmp_path, capsys):
+    path, out = tmp_path / "repeats.jsonl", tmp_path / "pairs.json"
+    path.write_text("".join(json.dumps({"prompt_id": k, "prompt": f"Question {k}?", "output": text}) + "\n"
+                            for k in range(20) for text in ("Yes.", "Yes.", f"No, {k}.", f"No, {k}.")))
+    code, stdout, err = label_in_process(capsys, "--reward_model_path", run / "FINAL", "--feedback_type", "pairwise",
+                                         "--feedback_mode", "random", "--threshold", "-1", path, out)
+    assert code == 0, err
+    pairs = read_output(out)
+    assert len(pairs) == 20 and all(p["output_A"] != p["output_B"] for p in pairs)
+    assert "40 repeated outputs left out" in stdout
+
+
+def test_pairwise_is_reproducible_by_seed(run, samples, tmp_path, capsys):
+    outputs = []
+    for seed, name in ((1, "a"), (1, "b"), (2, "c")):
+        out = tmp_path / f"{name}.json"
+        code, _, err = label_in_process(capsys, "--reward_model_path", run / "FINAL", "--feedback_type", "pairwise",
+                                        "--feedback_mode", "random", "--seed", seed, samples[0], out)
+        assert code == 0, err
+        outputs.append(read_output(out))
+    assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
+
+
+# ---- processes, resume, memory ----------------------------------------------------------------------
+def test_two_processes_write_what_one_writes(run, samples, scalar, tmp_path):
+    out = tmp_path / "two.jsonl"
+    proc = subprocess.run([ACCELERATE, "launch", "--config_file", "accelerate_config/ddp_cpu_2proc.yaml",
+                           "-m", "train.label", "--reward_model_path", str(run / "FINAL"), str(samples[0]), str(out)],
+                          cwd=ROOT, env=LABEL_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scored by 2 process(es)" in proc.stdout  # really 2 processes, not 2 copies of rank 0
+    two = read_output(out)
+    assert [{k: v for k, v in r.items() if k != "reward"} for r in two] == \
+           [{k: v for k, v in r.items() if k != "reward"} for r in scalar]
+    assert [r["reward"] for r in two] == pytest.approx([r["reward"] for r in scalar], abs=1e-5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reading_workers_keep_the_input_order(run, samples, scalar, tmp_path, capsys, workers):
+    out = tmp_path / "out.jsonl"
+    code, _, err = label_in_process(capsys, "--reward_model_path", run / "FINAL", "--batch_size", 2,
+                                    "--num_workers", workers, samples[0], out)  # 6 chunks of 32 samples
+    assert code == 0, err
+    rows = read_output(out)
+    assert [(r["prompt_id"], r["sample_id"]) for r in rows] == [(r["prompt_id"], r["sample_id"]) for r in scalar]
+    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in scalar], abs=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_file(run, reference_10k):
+    root, reference, _ = reference_10k
+    out, partial = root / "resumed.jsonl", root / "resumed.jsonl.partial.jsonl"
+    cmd = [PYTHON, "-m", "train.label", "--reward_model_path", str(run / "FINAL"), "--batch_size", "64",
+           "--num_workers", "1", str(root / "samples.jsonl"), str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=LABEL_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (partial.exists() and partial.read_text().count("\n") > 2):
+        assert proc.poll() is None and time.time() < deadline, "labeling ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    scored = partial.read_text().count("\n") - 1
+    assert 0 < scored < len(reference) and not out.exists()
+    with open(partial, "a") as f:
+        f.write('[99999999, 0.5')  # a line torn by the kill
+    resumed = label(*cmd[3:])
+    assert f"resuming: {scored} samples already scored" in resumed.stderr
+    rows = read_output(out)
+    assert [(r["prompt_id"], r["sample_id"]) for r in rows] == [(r["prompt_id"], r["sample_id"]) for r in reference]
+    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in reference], abs=1e-5)
+    assert not partial.exists()
+
+
+def test_partial_file_from_other_settings_is_not_reused(run, samples, scalar, tmp_path):
+    out = tmp_path / "out.json"
+    Path(f"{out}.partial.jsonl").write_text('{"max_length": 7}\n' + "[1, 1000.0]\n" * 5)
+    proc = label("--reward_model_path", run / "FINAL", samples[0], out)
+    assert "written with different settings" in proc.stderr and "starting over" in proc.stderr
+    assert [r["reward"] for r in read_output(out)] == pytest.approx([r["reward"] for r in scalar], abs=1e-6)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_memory_stays_flat_from_10k_to_100k_samples(run, reference_10k, tmp_path):
+    _, _, peak_10k = reference_10k
+    big = tmp_path / "100k.jsonl"
+    write_samples(big, 50_000, per_prompt=2, filler=200)
+    proc = label("--reward_model_path", run / "FINAL", "--batch_size", 256, "--num_workers", 1, big,
+                 tmp_path / "out.jsonl", peak=True)
+    peak_100k = peak_kb(proc)
+    growth_mb = [(big_kb - small_kb) / 1024 for big_kb, small_kb in zip(peak_100k, peak_10k)]
+    assert sum(1 for _ in open(tmp_path / "out.jsonl")) == 100_000
+    # The bound is meaningful: merely holding the 100k input rows costs far more than it.
+    held = subprocess.run([PYTHON, "-c", f"import json, sys\nbefore = {HWM}\n"
+                           "rows = [json.loads(line) for line in open(sys.argv[1])]\n"
+                           f"print({HWM} - before)", str(big)], capture_output=True, text=True, check=True)
+    held_90k_mb = 0.9 * int(held.stdout) / 1024  # what 10k -> 100k adds when rows are kept
+    assert held_90k_mb > 2 * 30
+    assert peak_10k[1] > 0 and max(growth_mb) < 30, \
+        f"peak RSS (main, worker) grew {growth_mb} MB from 10k to 100k samples; {peak_10k} kB at 10k"
+
+
+# ---- the loop back into training --------------------------------------------------------------------
+def test_pairwise_feedback_trains_a_new_reward_model(run, samples, scalar, tmp_path):
+    feedback_file = tmp_path / "feedback.jsonl"
+    label("--reward_model_path", run / "FINAL", "--feedback_type", "pairwise", samples[0], feedback_file)
+    pairs = read_output(feedback_file)
+    # The harness reads each pair with the higher-reward output as chosen.
+    from train.config import FileSource
+    from train.data.sources import SOURCES
+    train, test = SOURCES["feedback"](FileSource(path=str(feedback_file)), 0, log=lambda *a: None)
+    assert len(train) + len(test) == len(pairs)
+    reward_of = {(r["prompt_id"], r["output"]): r["reward"] for r in scalar}
+    for e in train + test:
+        pid = e.extra["prompt_id"]
+        assert reward_of[(pid, e.chosen)] > reward_of[(pid, e.rejected)]
+    proc = launch(["model=tiny-llama", "datasets=[feedback]", f"++datasets.feedback.path={feedback_file}",
+                   "n_eval_examples=6", "batch_size=16", "microbatch_size=8", f"cache_dir={tmp_path}",
+                   "exp_name=round2"], extra_env={"OMP_NUM_THREADS": 1})
+    assert f"data: {len(train)} train pairs, {len(test)} test pairs" in proc.stdout
+    assert (tmp_path / "round2" / "FINAL" / "model.safetensors").is_file()
+
+
+def test_generated_predictions_match_the_labeler(run, tmp_path):
+    from omegaconf import OmegaConf
+    from train.build import fixed_eval_indices
+    from train.data.loader import load_examples
+    cfg = OmegaConf.load(run / "config.yaml")
+    _, test = load_examples(cfg, log=lambda *a: None)
+    pairs = [test[i] for i in fixed_eval_indices(len(test), cfg.n_eval_examples)]
+    predictions = [json.loads(line) for line in (run / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == len(pairs) == 48
+    assert all(set(p) == {"chosen", "rejected"} and all(isinstance(v, float) for v in p.values())
+               for p in predictions)
+    samples = tmp_path / "eval-pairs.jsonl"
+    samples.write_text("".join(json.dumps({"prompt": e.prompt, "output": getattr(e, side)}) + "\n"
+                               for e in pairs for side in ("chosen", "rejected")))
+    label("--reward_model_path", run / "FINAL", samples, tmp_path / "scores.jsonl")
+    rewards = [r["reward"] for r in read_output(tmp_path / "scores.jsonl")]
+    assert rewards == pytest.approx([p[side] for p in predictions for side in ("chosen", "rejected")], abs=1e-5)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+GOOD = {"prompt_id": "a", "prompt": "Hi?", "output": "Hello."}
+BAD_FILES = [
+    ("not-json.jsonl", json.dumps(GOOD) + "\n{oops\n", "row 2: not valid JSON"),
+    ("bad-array.json", '[{"prompt": "a", "output": "b"},\n {"prompt": "a" "output": "b"}]', "row 2: not valid JSON"),
+    ("trailing.json", '[{"prompt": "a", "output": "b"}] x', "row 2: not valid JSON (text after the closing ']')"),
+    ("no-prompt.jsonl", json.dumps(GOOD) + "\n" + json.dumps({"output": "x"}) + "\n", "row 2: field 'prompt': missing"),
+    ("no-output.json", json.dumps([GOOD, GOOD, {"prompt": "x"}]), "row 3: field 'output': missing"),
+    ("empty-output.jsonl", json.dumps({**GOOD, "output": "  "}) + "\n", "row 1: field 'output': empty text"),
+    ("list-output.jsonl", json.dumps({**GOOD, "output": ["a"]}) + "\n", "row 1: field 'output': expected a string"),
+    ("mixed-ids.jsonl", json.dumps({**GOOD, "prompt_id": 1}) + "\n" + json.dumps({**GOOD, "prompt_id": "1"}) + "\n",
+     "row 2: field 'prompt_id': mixed types: str here, int in row 1"),
+    ("not-object.json", "[1, 2]", "row 1: expected a JSON object, got int"),
+    ("bad-turns.jsonl", json.dumps({**GOOD, "prompt": [{"role": "user"}]}) + "\n", "row 1: field 'prompt'"),
+]
+
+
+@pytest.mark.parametrize("name,text,message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_samples_give_one_line_with_the_row(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    code, _, err = label_in_process(capsys, "--reward_model_path", "unused", path, tmp_path / "out.json")
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err and message in err, err
+    assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--feedback_type", "pairwise"], "row 1: field 'prompt_id': missing"),
+    (["--feedback_type", "binary", "--threshold", "high"], "--threshold must be a number, 'median' or 'mean'"),
+    (["--threshold", "nan"], "--threshold must be"),
+    (["--split", "train"], "no samples to label in split 'train'"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+])
+def test_bad_arguments_give_one_line(tmp_path, capsys, args, message):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "output": "b", "split": "test"}) + "\n")
+    code, _, err = label_in_process(capsys, "--reward_model_path", "unused", *args, path, tmp_path / "o.json")
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_the_input_is_never_overwritten(run, tmp_path, capsys):
+    path = tmp_path / "samples.json"
+    path.write_text(json.dumps([GOOD]))
+    before = path.read_bytes()
+    message = f"error: output_path is the samples file {path}: refusing to overwrite the input\n"
+    proc = label("--reward_model_path", run / "FINAL", path, path, check=False)
+    assert proc.returncode == 2 and proc.stderr == message  # one line, no traceback
+    os.link(path, tmp_path / "hardlink.json")
+    for target in (tmp_path / "." / "samples.json", tmp_path / "hardlink.json"):
+        assert label_in_process(capsys, "--reward_model_path", run / "FINAL", path, target) == (2, "", message)
+    assert path.read_bytes() == before
+
+
+def test_model_path_that_is_not_a_model(tmp_path, capsys):
+    samples = tmp_path / "s.json"
+    samples.write_text(json.dumps([GOOD]))
+    code, _, err = label_in_process(capsys, "--reward_model_path", tmp_path, samples, tmp_path / "o.json")
+    assert code == 2 and "neither a FINAL/classifier dir" in err
+
+
+# ---- units: pair selection and the streaming JSON array reader --------------------------------------
+def test_pairs_for_prompt_on_hand_made_rewards():
+    r = [0.1, 0.9, 0.5, 0.55]
+    rng = random.Random(0)
+    assert feedback.pairs_for_prompt(r, "max", 0.0, rng) == [(1, 0)]
+    assert feedback.pairs_for_prompt(r, "max", 0.8, rng) == []  # gap 0.8 does not exceed 0.8
+    assert feedback.pairs_for_prompt(r, "min", 0.0, rng) == [(3, 2)]  # 0.55 - 0.5
+    assert feedback.pairs_for_prompt(r, "min", 0.1, rng) == [(1, 3)]  # 0.9 - 0.55 = 0.35, the least above 0.1
+    assert feedback.pairs_for_prompt([0.3, 0.3, 0.3], "max", 0.0, rng) == []  # ties are no preference
+    assert feedback.pairs_for_prompt([0.3], "max", -1.0, rng) == []
+    pairs = feedback.pairs_for_prompt([0.0, 1.0, 2.0, 3.0, 4.0], "random", 0.0, rng)
+    used = [i for pair in pairs for i in pair]
+    assert len(pairs) == 2 and len(set(used)) == 4
+
+
+def test_plan_pairs_thresholds_and_order():
+    groups = {f"p{k}": [(2 * k, 0.0), (2 * k + 1, gap)] for k, gap in enumerate([0.1, 0.2, 0.3, 0.4])}
+    pairs, value = feedback.plan_pairs(groups, "max", "median", seed=0)
+    assert value == pytest.approx(0.25) and sorted(max(p) for p in pairs) == [5, 7]
+    pairs, value = feedback.plan_pairs(groups, "max", "mean", seed=0)
+    assert value == pytest.approx(0.25) and len(pairs) == 2
+    pairs, value = feedback.plan_pairs(groups, "max", 0.0, seed=0)
+    assert value == 0.0 and len(pairs) == 4
+    assert feedback.plan_pairs(groups, "max", 0.0, seed=0) == (pairs, value)  # reproducible
+    many = {k: [(2 * k, 0.0), (2 * k + 1, 1.0)] for k in range(40)}
+    firsts = {p[0] % 2 for p in feedback.plan_pairs(many, "max", 0.0, seed=3)[0]}
+    assert firsts == {0, 1}  # the higher reward is A for some pairs and B for others
+
+
+def test_threshold_parsing():
+    assert feedback.parse_threshold(None, "binary") == "median"
+    assert feedback.parse_threshold(None, "pairwise") == 0.0
+    assert feedback.parse_threshold("mean", "pairwise") == "mean"
+    assert feedback.parse_threshold("-0.5", "binary") == -0.5
+    assert feedback.resolve_threshold("median", [3.0, 1.0, 2.0]) == 2.0
+    assert feedback.resolve_threshold("mean", []) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 1 << 20])
+def test_json_array_reader_streams_any_chunking(tmp_path, chunk):
+    values = [{"a": "ü€" * k, "b": [1, 2, {"c": None}]} for k in range(5)] + [12345, -0.5e3, "x", [], {}]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(values, indent=2, ensure_ascii=False), encoding="utf-8")
+    assert [v for _, v in sample_files.iter_json_array(str(path), chunk)] == values
+    path.write_text(" [ ] ")
+    assert list(sample_files.iter_json_array(str(path), chunk)) == []
+    path.write_text('[{"a": 1}, {"a": 2} {"a": 3}]')
+    with pytest.raises(Exception, match="row 3: not valid JSON"):
+        list(sample_files.iter_json_array(str(path), chunk))
+    path.write_text('[{"a": 1}, {"a": 2')
+    with pytest.raises(Exception, match="row 2: not valid JSON"):
+        list(sample_files.iter_json_array(str(path), chunk))

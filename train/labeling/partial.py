@@ -1,0 +1,73 @@
+"""<output>.partial.jsonl: the progress of a labeling run, so a killed run continues where it stopped.
+
+The first line is a header naming everything a reward depends on (samples file, reward model
+files, formatting); then one [row, reward] line per scored sample, in input order, appended and
+fsynced chunk by chunk. A rerun with the same header keeps the complete lines; another header
+means other settings, and the file is started over.
+"""
+import json
+import os
+
+
+def _file_id(path: str) -> list:
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
+
+
+def header(samples_path: str, split, reward_model_path: str, setup: dict) -> dict:
+    """Everything a reward depends on; a partial file with another header is not reused."""
+    model = os.path.normpath(reward_model_path)
+    weights = [_file_id(os.path.join(model, n)) for n in sorted(os.listdir(model))
+               if n.endswith((".safetensors", ".bin", "config.json"))] if os.path.isdir(model) else [model]
+    return {"samples": _file_id(samples_path), "split": split, "reward_model": weights,
+            **{k: setup[k] for k in ("max_length", "max_prompt_length", "truncation", "dtype")}}
+
+
+class PartialFile:
+    """<output>.partial.jsonl: a header naming what was scored, then one [row, reward] line per sample."""
+
+    def __init__(self, path: str, header: dict):
+        self.path, self.header = path, header
+
+    def resume(self, log) -> int:
+        """Samples already scored with the same settings (0 for a fresh start); cuts a torn last line."""
+        good, done = 0, 0  # bytes and samples worth keeping
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                first = f.readline()
+                try:
+                    old = json.loads(first)
+                except ValueError:
+                    old = None
+                if old == self.header:
+                    good = len(first)
+                    for line in f:
+                        if not line.endswith(b"\n"):  # torn by a kill mid-write
+                            break
+                        good += len(line)
+                        done += 1
+                else:
+                    changed = sorted(k for k in self.header if (old or {}).get(k) != self.header[k])
+                    log(f"{self.path} was written with different settings ({', '.join(changed)}): starting over")
+        if done:
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+            log(f"resuming: {done} samples already scored in {self.path}")
+        else:
+            with open(self.path, "w") as f:
+                f.write(json.dumps(self.header) + "\n")
+        return done
+
+    def append(self, scored: list):
+        with open(self.path, "a") as f:
+            f.write("".join(json.dumps([row, reward]) + "\n" for row, reward in scored))
+            f.flush()
+            os.fsync(f.fileno())  # a kill after this loses nothing already reported as done
+
+    def rewards(self):
+        """(row, reward) in input order."""
+        with open(self.path) as f:
+            next(f)
+            for line in f:
+                row, reward = json.loads(line)
+                yield row, reward

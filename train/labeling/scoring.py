@@ -1,0 +1,168 @@
+"""The reward model for labeling: loaded as its training run built it, fed as training fed it.
+
+- settings() and load_reward_model() accept a run's FINAL dir, a checkpoint dir (rebuilt from
+  <run>/config.yaml, then its safetensors weights) or a plain HF classifier dir.
+- encode_sample() is train.data.formatting.encode, the function training uses.
+- Scorer pads length-sorted batches; EncodedChunks reads and encodes in DataLoader workers.
+"""
+import itertools
+import json
+import os
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_model
+
+from train.data.formatting import encode
+from train.errors import UserError
+from train.labeling.samples import read_samples
+from train.models import AutoModelForBradleyTerry, load_tokenizer
+
+CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
+# Used only for a plain classifier dir with no training run: HALOs' labeler defaults.
+PLAIN_DEFAULTS = {"max_length": 2048, "max_prompt_length": 1024, "truncation": "cut_prompt_left"}
+
+
+def run_config(path: str):
+    """The training run's resolved config for <run>/FINAL or <run>/checkpoints/step-N; None if absent."""
+    parent = os.path.dirname(os.path.abspath(os.path.normpath(path)))
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+    candidate = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(candidate):
+        return None
+    cfg = OmegaConf.load(candidate)
+    return cfg if OmegaConf.select(cfg, "model.max_length") is not None else None  # not some other YAML
+
+
+def model_kind(path: str) -> str:
+    """'pretrained' (FINAL, any HF classifier dir or hub id) or 'checkpoint' (weights, no config.json)."""
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, "config.json")) or not os.path.exists(path):
+        return "pretrained"
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        return "checkpoint"
+    raise UserError(f"--reward_model_path {path}: neither a FINAL/classifier dir (config.json) "
+                    "nor a checkpoint dir (model.safetensors)")
+
+
+def settings(path: str, args) -> dict:
+    """Formatting and dtype for scoring: the training run's unless overridden on the command line."""
+    cfg = run_config(os.path.normpath(path))
+    if cfg is None and model_kind(path) == "checkpoint":
+        raise UserError(f"--reward_model_path {path}: a checkpoint dir needs its run's config.yaml "
+                        "two levels up (<run>/checkpoints/step-N)")
+    if cfg is not None:
+        base = {k: cfg.model[k] for k in PLAIN_DEFAULTS}
+        base["dtype"] = cfg.model.dtype
+    else:  # no training run: HALOs' defaults, within the positions the model has (BERT: 512)
+        base = {**PLAIN_DEFAULTS, "dtype": "float32"}
+        config_file = os.path.join(path, "config.json")
+        if os.path.isfile(config_file):
+            with open(config_file) as f:
+                positions = json.load(f).get("max_position_embeddings") or base["max_length"]
+            base["max_length"] = min(base["max_length"], positions)
+    for key in ("max_length", "max_prompt_length", "dtype"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
+    base["max_prompt_length"] = min(base["max_prompt_length"], base["max_length"])
+    return {**base, "run_config": cfg}
+
+
+def load_reward_model(path: str, setup: dict):
+    """(AutoModelForBradleyTerry in eval mode, tokenizer) from a FINAL, checkpoint or classifier dir."""
+    cfg = setup["run_config"]
+    if model_kind(path) == "checkpoint":
+        from train.build import build_model  # the same construction as training, then its weights
+        cfg.model.dtype = setup["dtype"]
+        if str(cfg.model.name_or_path or "").endswith(".gguf"):  # as train/build.py: its converted copy
+            from train.models import convert_gguf
+            cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
+        tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
+                                   cfg.model.trust_remote_code)
+        model = build_model(cfg, tokenizer)
+        load_model(model, os.path.join(path, "model.safetensors"))
+    else:
+        trust = bool(cfg.model.trust_remote_code) if cfg is not None else False
+        tokenizer = load_tokenizer(path, trust)
+        model = AutoModelForBradleyTerry.from_pretrained(
+            path, setup["dtype"], tokenizer.pad_token_id,
+            cfg.model.attn_implementation if cfg is not None else None, trust)
+    return model.eval(), tokenizer
+
+
+def encode_sample(tokenizer, prompt, output, fmt: dict) -> dict:
+    """Token ids of one sample, by the training function; a sample that training would drop is cut."""
+    enc = encode(tokenizer, prompt, output, **fmt)
+    if enc is None:  # truncation="drop" at training: a sample to label cannot be dropped, so cut it
+        enc = encode(tokenizer, prompt, output, **{**fmt, "truncation": "cut_prompt_left"})
+    return enc
+
+
+class Scorer:
+    """Rewards for encoded samples, in length-sorted batches with minimal padding."""
+
+    def __init__(self, model, tokenizer, max_length: int, max_prompt_length: int, truncation: str,
+                 batch_size: int, device="cpu"):
+        self.model, self.tokenizer, self.device = model.to(device), tokenizer, device
+        self.format = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation=truncation)
+        self.batch_size = batch_size
+
+    def encode(self, prompt, output) -> dict:
+        return encode_sample(self.tokenizer, prompt, output, self.format)
+
+    def batches(self, encoded: list) -> list:
+        """Index lists, longest first, so each batch pads to nearly its own length."""
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def collate(self, items: list) -> dict:
+        """Right-padded to the longest; the model reads the score at the last attention-mask position."""
+        longest = max(len(e["input_ids"]) for e in items)
+
+        def pad(key, value):  # one tensor per batch: far cheaper than one per sample
+            return torch.tensor([e[key] + [value] * (longest - len(e[key])) for e in items]).to(self.device)
+
+        batch = {"input_ids": pad("input_ids", self.tokenizer.pad_token_id),
+                 "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (longest - len(e["input_ids"]))
+                                                 for e in items]).to(self.device)}
+        if "token_type_ids" in items[0]:
+            batch["token_type_ids"] = pad("token_type_ids", 0)
+        return batch
+
+    @torch.inference_mode()
+    def score_encoded(self, encoded: list) -> list:
+        """Rewards in the order of `encoded`."""
+        rewards = [0.0] * len(encoded)
+        for idx in self.batches(encoded):
+            for i, r in zip(idx, self.model(**self.collate([encoded[i] for i in idx])).float().tolist()):
+                rewards[i] = r
+        return rewards
+
+    def score(self, pairs: list) -> list:
+        """Rewards of (prompt, output) pairs, in their order."""
+        return self.score_encoded([self.encode(prompt, output) for prompt, output in pairs])
+
+
+class EncodedChunks(torch.utils.data.IterableDataset):
+    """This process's share of each chunk of samples, encoded: (chunk size, rows, encodings, truncated).
+
+    Iterated in DataLoader workers, so reading and encoding overlap the forward passes. With n
+    workers, worker w takes chunks w, w + n, ...; the DataLoader hands them back in order.
+    """
+
+    def __init__(self, path: str, split, skip: int, chunk_size: int, rank: int, world: int, tokenizer, fmt: dict):
+        self.path, self.split, self.skip, self.chunk_size = path, split, skip, chunk_size
+        self.rank, self.world, self.tokenizer, self.format = rank, world, tokenizer, fmt
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rest = itertools.islice(read_samples(self.path, self.split), self.skip, None)
+        for k in itertools.count():
+            chunk = list(itertools.islice(rest, self.chunk_size))
+            if not chunk:
+                return
+            if k % workers == worker:
+                mine = chunk[self.rank::self.world]
+                encoded = [encode_sample(self.tokenizer, s["prompt"], s["output"], self.format) for _, s in mine]
+                yield len(chunk), [row for row, _ in mine], encoded, sum(e["truncated"] for e in encoded)
