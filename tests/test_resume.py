@@ -138,7 +138,7 @@ def test_wandb_run_id_survives_a_resume(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
     cache = str(tmp_path)
-    args = ["model=tiny-llama", "datasets.synthetic.n_train=4000", "datasets.synthetic.n_test=32",
+    args = ["model=tiny-llama", "datasets.synthetic.n_train=800", "datasets.synthetic.n_test=32",
             "n_eval_examples=32", "batch_size=8", "microbatch_size=4", "eval_every=100000", "do_first_eval=false",
             f"cache_dir={cache}", "exp_name=pre"]
     proc = subprocess.Popen([PYTHON, "launch.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
@@ -155,11 +155,11 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
     assert not (run / "FINAL").exists()
     (ckpt,) = list((run / "checkpoints").glob("step-*"))
     step = json.loads((ckpt / "state.json").read_text())["step"]
-    assert 3 <= step < 500
+    assert 3 <= step < 100
     assert [r["step"] for r in metrics(run)] == list(range(1, step + 1))
-    launch([*args, "resume=auto", "n_examples=" + str((step + 3) * 8)])
+    launch([*args, "resume=auto"])
     train = [r["step"] for r in metrics(run) if r["split"] == "train"]
-    assert train == list(range(1, step + 4))
+    assert train == list(range(1, 101)) and (run / "FINAL" / "COMPLETE").is_file()
 
 
 def write_jsonl(path, rows):
