@@ -95,6 +95,8 @@ def test_two_processes_equal_one_process(cache):
     (["datasets=[jsonl]"], r"datasets.jsonl.path' is required"),
     (["batch_size=30", "microbatch_size=8"], r"batch_size \(30\) must be microbatch_size"),
     (["scheduler=cosin"], r"scheduler 'cosin' is not one of linear, cosine"),
+    (["batch_size=abc"], r"config key 'batch_size' must be a whole number, got 'abc'"),
+    (["loss.center_rewards_coefficient=high"], r"'loss.center_rewards_coefficient' must be a number, got 'high'"),
     (["model.dtype=bf16"], r"model.dtype 'bf16' is not one of float32, bfloat16"),
     (["model=lama"], r"unknown model 'lama' \(did you mean 'llama'\?\)"),
     (["n_examples=5"], r"n_examples \(5\) must be at least batch_size \(32\)"),

@@ -289,3 +289,27 @@ def test_best_is_highest_accuracy_then_lowest_loss_and_unfinished_jobs_never_win
     assert [r["status"] for r in summary["rows"]] == ["done", "done", "done", "failed", "running"]
     assert summarize(tmp_path, sweep_over=True)["rows"][-1]["status"] == "interrupted"
     assert [r["best"] for r in csv_rows(tmp_path)] == ["1", "0", "0", "0", "0"]
+
+
+def test_one_ctrl_c_stops_the_whole_sweep_and_resume_auto_finishes_it(tmp_path):
+    import signal
+    import time
+    args = ["-m", "model=tiny-llama", "datasets.synthetic.n_train=800", "datasets.synthetic.n_test=16",
+            "n_eval_examples=16", "batch_size=8", "microbatch_size=8", "eval_every=100000", "do_first_eval=false",
+            f"cache_dir={tmp_path}", "exp_name=stop", "lr=1e-4,2e-4,3e-4"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(len(p.read_text().splitlines()) >= 3
+                                             for p in (tmp_path / "stop").glob("*/metrics.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    sweep = tmp_path / "stop"
+    started = [j for j in jobs(sweep) if (j / "metrics.jsonl").exists()]
+    assert len(started) == 1 and not (started[0] / "FINAL").exists(), out[-2000:]
+    assert list((started[0] / "checkpoints").glob("step-*"))  # the interrupted job saved where it was
+    assert "earlier job of this sweep was stopped by a signal" in (sweep / "summary.md").read_text()
+    run([*args, "resume=auto"])
+    assert len([j for j in jobs(sweep) if (j / "FINAL" / "COMPLETE").is_file()]) == 3

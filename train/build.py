@@ -104,6 +104,8 @@ def fixed_eval_indices(n_test: int, n_eval: int, seed: int = 0) -> list:
 def build(cfg):
     """The trainer for this config, or None when resume=auto finds the run already finished."""
     validate(cfg)
+    if in_multirun() and trainers.BasicTrainer.stopped_by_signal:  # Ctrl-C stops the sweep, not one job
+        raise UserError("not started: an earlier job of this sweep was stopped by a signal; rerun with resume=auto")
     share_cpu_between_jobs()
     run_dir = resolve_run_dir(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"

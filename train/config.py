@@ -124,6 +124,19 @@ def _suggest(key: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _check_type(dotted: str, ftype, value):
+    """Numbers and booleans on the command line: a wrong type is one line, not Hydra's five."""
+    if value is None or isinstance(value, str) and value.startswith("${"):
+        return
+    allowed = {int: (int,), float: (int, float), bool: (bool,)}
+    base = next((t for t in allowed if ftype in (t, Optional[t])), None)
+    if base is None:
+        return
+    if isinstance(value, bool) and base is not bool or not isinstance(value, allowed[base]):
+        kind = {int: "a whole number", float: "a number", bool: "true or false"}[base]
+        raise UserError(f"config key '{dotted}' must be {kind}, got '{value}'")
+
+
 def _check_key(dotted: str):
     parts = dotted.split(".")
     schema, prefix = Config, ""
@@ -140,9 +153,11 @@ def _check_key(dotted: str):
         if name not in names:
             raise UserError(f"unknown config key '{prefix}{name}'{_suggest(name, names)}")
         prefix += name + "."
+        if i == len(parts) - 1:
+            return names[name].type
         ftype = NESTED.get(name) if schema is Config else None
-        if ftype is None or i == len(parts) - 1:
-            return
+        if ftype is None:
+            return None
         schema = ftype
 
 
@@ -166,7 +181,9 @@ def check_overrides(argv: List[str]):
                     raise UserError(f"unknown {key} '{name}'{_suggest(str(name), known)}; known: {', '.join(known)}")
         if key.startswith("hydra") or key in GROUPS or override.is_delete():
             continue
-        _check_key(key)
+        ftype = _check_key(key)
+        if ftype is not None and not override.is_sweep_override():
+            _check_type(key, ftype, override.value())
 
 
 def validate(cfg: DictConfig):

@@ -59,6 +59,7 @@ class BasicTrainer:
 
     policy_hf_model_class = None
     use_reference_model = False
+    stopped_by_signal = False  # class-wide: once a sweep is signalled, its later jobs do not start
 
     def __init__(self, cfg, accelerator, model, tokenizer, train_ds, eval_ds, run_dir: str,
                  resume_from=None, config_dict=None, data_counts=None):
@@ -221,6 +222,7 @@ class BasicTrainer:
 
     def _request_stop(self, signum, frame):
         self.stop_requested = True  # acted on at the next step boundary
+        BasicTrainer.stopped_by_signal = True
 
     def _say(self, message: str):
         if self.accelerator.is_main_process:
