@@ -1,7 +1,6 @@
 """Bad input: one line naming file, row and field; on_error=skip counts; truncation policy counts."""
 import json
 import re
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

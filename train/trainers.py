@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict
 
 import torch
 from accelerate.utils import gather_object
@@ -74,9 +73,7 @@ class BasicTrainer:
         self.total_steps = cfg.n_epochs * self.steps_per_epoch
         if cfg.n_examples is not None:  # a cap on pairs, rounded down to whole optimizer steps
             self.total_steps = min(self.total_steps, cfg.n_examples // cfg.batch_size)
-        optimizer_class = getattr(torch.optim, cfg.optimizer, None)
-        if optimizer_class is None:
-            raise UserError(f"optimizer '{cfg.optimizer}' is not a class in torch.optim")
+        optimizer_class = getattr(torch.optim, cfg.optimizer)  # checked by config.validate()
         optimizer = optimizer_class(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
         # Not passed to accelerator.prepare: its wrapper steps once per process per step.
         self.scheduler = get_scheduler(cfg.scheduler, optimizer,

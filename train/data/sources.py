@@ -17,14 +17,18 @@ class RowError(ValueError):
     """A problem with one row: the message names the field."""
 
 
-def read_rows(path: str) -> Iterator[Tuple[int, object]]:
-    """(row number, parsed JSON) for a JSONL file or a JSON array; bad JSON/UTF-8 -> RowError rows."""
+def is_json_array(path: str) -> bool:
+    """A JSON array (else JSONL), told by its first non-blank byte; an unreadable file is one line."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1024).lstrip()
+            return f.read(1024).lstrip().startswith(b"[")
     except OSError as err:
         raise UserError(f"{path}: cannot read: {err.strerror}")
-    if head.startswith(b"["):  # a JSON array: parsed whole, then numbered by element
+
+
+def read_rows(path: str) -> Iterator[Tuple[int, object]]:
+    """(row number, parsed JSON) for a JSONL file or a JSON array; bad JSON/UTF-8 -> RowError rows."""
+    if is_json_array(path):  # parsed whole, then numbered by element
         with open(path, "rb") as f:
             raw = f.read()
         try:

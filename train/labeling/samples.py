@@ -7,7 +7,7 @@ as the training data sources number them.
 import json
 from typing import Iterator, Optional, Tuple
 
-from train.data.sources import RowError, prompt_field, read_rows, text_field
+from train.data.sources import RowError, is_json_array, prompt_field, read_rows, text_field
 from train.errors import UserError
 
 
@@ -66,12 +66,7 @@ def iter_json_array(path: str, chunk_chars: int = 1 << 20) -> Iterator[Tuple[int
 
 
 def _rows(path: str) -> Iterator[Tuple[int, object]]:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1024).lstrip()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read: {err.strerror}")
-    if head.startswith(b"["):
+    if is_json_array(path):  # streamed here: training's read_rows parses an array whole
         try:
             yield from iter_json_array(path)
         except UnicodeDecodeError:

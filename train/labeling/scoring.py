@@ -72,13 +72,9 @@ def load_reward_model(path: str, setup: dict):
     """(AutoModelForBradleyTerry in eval mode, tokenizer) from a FINAL, checkpoint or classifier dir."""
     cfg = setup["run_config"]
     if model_kind(path) == "checkpoint":
-        from train.build import build_model  # the same construction as training, then its weights
+        from train.build import build_model, prepare_tokenizer  # training's construction, then its weights
         cfg.model.dtype = setup["dtype"]
-        if str(cfg.model.name_or_path or "").endswith(".gguf"):  # as train/build.py: its converted copy
-            from train.models import convert_gguf
-            cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
-        tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path,
-                                   cfg.model.trust_remote_code)
+        tokenizer = prepare_tokenizer(cfg)
         model = build_model(cfg, tokenizer)
         load_model(model, os.path.join(path, "model.safetensors"))
     else:
