@@ -342,12 +342,18 @@ def test_partial_file_from_other_settings_is_not_reused(run, samples, scalar, tm
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
 def test_memory_stays_flat_from_10k_to_100k_samples(run, reference_10k, tmp_path):
-    _, _, peak_10k = reference_10k
+    root, _, peak_10k = reference_10k
     big = tmp_path / "100k.jsonl"
     write_samples(big, 50_000, per_prompt=2, filler=200)
-    proc = label("--reward_model_path", run / "FINAL", "--batch_size", 256, "--num_workers", 1, big,
-                 tmp_path / "out.jsonl", peak=True)
-    peak_100k = peak_kb(proc)
+
+    def peak(samples, out):
+        return peak_kb(label("--reward_model_path", run / "FINAL", "--batch_size", 256, "--num_workers", 1,
+                             samples, out, peak=True))
+
+    # One run's peak RSS varies by about 15 MB on the same input (measured), so each size counts
+    # the lower of two identical runs: the memory the run needs, not the noise around it.
+    peak_10k = [min(a, b) for a, b in zip(peak_10k, peak(root / "samples.jsonl", tmp_path / "10k.jsonl"))]
+    peak_100k = [min(a, b) for a, b in zip(peak(big, tmp_path / "out.jsonl"), peak(big, tmp_path / "again.jsonl"))]
     growth_mb = [(big_kb - small_kb) / 1024 for big_kb, small_kb in zip(peak_100k, peak_10k)]
     assert sum(1 for _ in open(tmp_path / "out.jsonl")) == 100_000
     # The bound is meaningful: merely holding the 100k input rows costs far more than it.
