@@ -2,35 +2,48 @@
 
 See README.md. Config lives in config/; the schema with every key's meaning is train/config.py.
 """
+import contextlib
+import errno
 import os
 import sys
 
 import hydra
 
 from train.build import build, in_multirun
-from train.config import check_overrides, register
-from train.errors import UserError
+from train.config import check_overrides, create_run_dirs, register
+from train.errors import UserError, storage_error
 from train.sweep import final_accuracy
 
 register()
+# Write failures that are the machine's state, not a bug: one line instead of a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
 def main(cfg):
     """Returns the final eval accuracy: the objective a sweeper (hydra/sweeper=optuna_accuracy) maximises."""
+    try:
+        with contextlib.ExitStack() as held:  # holds the run-dir lock until the run ends, however it ends
+            return run(cfg, held)
+    except (UserError, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in STORAGE_ERRNOS:
+            raise  # not a storage fault: a bug, keep its traceback
+        if in_multirun():  # let the sweep record this job as failed and go on with the others
+            raise
+        if os.environ.get("RANK", "0") == "0":  # every process stops; one of them says why
+            message = err if isinstance(err, UserError) else storage_error("cannot write", err)
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(cfg, held):
     trainer = None
     try:
-        trainer = build(cfg)
+        trainer = build(cfg, held)
         if trainer is None:  # resume=auto on a finished run: report the result it already has
             return final_accuracy(cfg.local_run_dir)
         status = trainer.train()
         return trainer.last_eval["accuracy"] if status == "done" else None  # None: preempted, no result yet
-    except UserError as err:
-        if in_multirun():  # let the sweep record this job as failed and go on with the others
-            raise
-        if os.environ.get("RANK", "0") == "0":  # every process stops; one of them says why
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     finally:
         if trainer is not None:  # also after a failure, so the next job of a sweep gets its own wandb run
             trainer.cleanup(failed=sys.exc_info()[0] is not None)
@@ -38,7 +51,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     try:
-        check_overrides(sys.argv[1:])
+        create_run_dirs(check_overrides(sys.argv[1:]))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,6 @@
-"""Bad input: one line naming file, row and field; on_error=skip counts; truncation policy counts."""
+"""Bad input: one line naming file, row and field; on_error=skip counts; truncation policy counts; the JSON reader."""
+import codecs
+import itertools
 import json
 import re
 
@@ -6,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from train.config import FileSource
+from train.data.jsonfile import MAX_DEPTH, iter_json_array, read_rows
 from train.data.sources import feedback_row, file_source, preference_row, read_file
 from train.errors import UserError
 from tests.conftest import ROOT, final_metrics, launch
@@ -33,6 +36,12 @@ BAD_ROWS = [
     (row(margin="big"), r"row 3: field 'margin': expected a number, got str"),
     (row(prompt=[{"role": "user"}]), r"row 3: field 'prompt': a list must hold"),
     (b"[1, 2]", r"row 3: expected a JSON object, got list"),
+    (row(margin=1e308), r"row 3: field 'margin': expected a number from -1000 to 1000 \(reward units\), got 1e\+308"),
+    (row(margin=-1001), r"row 3: field 'margin': expected a number from -1000 to 1000"),
+    (row()[:-1] + b', "margin": 1e400}', r"row 3: field 'margin': .* got inf"),  # json reads it as inf
+    (row(prompt=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n"}]),
+     r"row 3: field 'prompt': turn 2 has empty content"),
+    (row()[:-1] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", r"row 3: not valid JSON \(nested too deeply"),
 ]
 
 
@@ -57,9 +66,52 @@ def test_json_array_files_number_rows_by_element(tmp_path):
     path.write_text(json.dumps([GOOD, GOOD, {"prompt": "p", "chosen": "a"}]))
     with pytest.raises(UserError, match=r"row 3: field 'rejected': missing"):
         read_file(str(path), preference_row, "raise")
-    path.write_text('[{"prompt": "p",\n "chosen": }]')
-    with pytest.raises(UserError, match=r"line 2: not valid JSON"):
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"},\n{"prompt": "p",\n "chosen": }]')
+    with pytest.raises(UserError, match=r"row 2: not valid JSON \(Expecting value\)"):
         read_file(str(path), preference_row, "raise")
+
+
+def test_json_arrays_are_streamed(tmp_path):
+    """Rows come before the end of the file is read: an array is never parsed whole."""
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([GOOD] * 3)[:-1] + ", oops]")
+    rows = read_rows(str(path))
+    assert [next(rows), next(rows), next(rows)] == [(1, GOOD), (2, GOOD), (3, GOOD)]
+    with pytest.raises(UserError, match=r"row 4: not valid JSON"):
+        next(rows)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_bytes_that_are_not_utf8_name_the_array_element(tmp_path, chunk):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[{"a": "\xc3\xa9"},\n {"a": "b"},\n {"a": "caf\xe9"}, {"a": "c"}]')
+    rows = iter_json_array(str(path), chunk)
+    assert [v for _, v in itertools.islice(rows, 2)] == [{"a": "é"}, {"a": "b"}]
+    with pytest.raises(UserError, match=r"d.json: row 3: bytes that are not UTF-8$"):
+        next(rows)
+
+
+@pytest.mark.parametrize("suffix,text", [("jsonl", json.dumps(GOOD) + "\n" + json.dumps(GOOD)),
+                                         ("json", json.dumps([GOOD, GOOD]))])
+def test_a_byte_order_mark_is_skipped(tmp_path, suffix, text):
+    path = tmp_path / f"d.{suffix}"
+    path.write_bytes(codecs.BOM_UTF8 + text.encode())
+    assert [e.chosen for e in read_file(str(path), preference_row, "raise")] == ["yes", "yes"]
+
+
+@pytest.mark.parametrize("depth,ok", [(MAX_DEPTH, True), (MAX_DEPTH + 1, False)])
+def test_json_nested_deeper_than_the_limit_names_the_row(tmp_path, depth, ok):
+    deep = "[" * (depth - 1) + "]" * (depth - 1)  # inside the row object: depth levels in all
+    lines = tmp_path / "d.jsonl"
+    lines.write_text(f"{json.dumps(GOOD)}\n{json.dumps(GOOD)[:-1]}, \"x\": {deep}}}\n")
+    array = tmp_path / "d.json"
+    array.write_text(f"[{json.dumps(GOOD)}, {json.dumps(GOOD)[:-1]}, \"x\": {deep}}}]")
+    for path in (lines, array):
+        if ok:
+            assert len(read_file(str(path), preference_row, "raise")) == 2
+        else:
+            with pytest.raises(UserError, match=r"row 2: not valid JSON \(nested too deeply"):
+                read_file(str(path), preference_row, "raise")
 
 
 def test_feedback_rows_are_checked_too(tmp_path):

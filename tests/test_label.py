@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -23,6 +24,7 @@ from train import label as label_module
 from train.data.formatting import encode
 from train.data.synthetic import synthetic_examples
 from train.labeling import feedback, samples as sample_files
+from train.labeling.partial import PartialFile
 from train.models import AutoModelForBradleyTerry, load_tokenizer
 
 # Other jobs share this machine's cores: one thread per process avoids OpenMP spin-waiting,
@@ -62,10 +64,10 @@ def write_samples(path, n_prompts, per_prompt=3, filler=0, seed=0):
     return rows
 
 
-def label(*args, check=True, peak=False):
+def label(*args, check=True, peak=False, extra_env=None):
     cmd = [PYTHON, "-c", PEAK] if peak else [PYTHON, "-m", "train.label"]
-    proc = subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env=LABEL_ENV, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([*cmd, *map(str, args)], cwd=ROOT, env={**LABEL_ENV, **(extra_env or {})},
+                          capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.label failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -458,6 +460,157 @@ def test_the_input_is_never_overwritten(run, tmp_path, capsys):
     for target in (tmp_path / "." / "samples.json", tmp_path / "hardlink.json"):
         assert label_in_process(capsys, "--reward_model_path", run / "FINAL", path, target) == (2, "", message)
     assert path.read_bytes() == before
+
+
+def test_no_written_path_is_the_input(run, tmp_path, capsys, monkeypatch):
+    def refused(samples, output, message, in_process=True):
+        before = samples.read_bytes()
+        if in_process:
+            result = label_in_process(capsys, "--reward_model_path", run / "FINAL", samples, output)
+        else:
+            proc = label("--reward_model_path", run / "FINAL", samples, output, check=False)
+            result = proc.returncode, proc.stdout, proc.stderr
+        assert result == (2, "", f"error: {message}\n")  # one line, no traceback
+        assert samples.read_bytes() == before and not os.path.exists(output)
+
+    # The progress file is the input: `cp samples.jsonl fb.jsonl.partial.jsonl`, then label it into fb.jsonl.
+    samples = tmp_path / "fb.jsonl.partial.jsonl"
+    samples.write_text(json.dumps(GOOD) + "\n")
+    refused(samples, tmp_path / "fb.jsonl", f"the progress file {tmp_path}/fb.jsonl.partial.jsonl is the samples "
+                                             f"file {samples}: choose another output_path", in_process=False)
+    # Relative paths with ./ and ..
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    refused(Path("../fb.jsonl.partial.jsonl"), "./../sub/../fb.jsonl", "the progress file ./../sub/../"
+            "fb.jsonl.partial.jsonl is the samples file ../fb.jsonl.partial.jsonl: choose another output_path")
+    # Through a symlinked directory
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    refused(samples, tmp_path / "link" / "fb.jsonl", f"the progress file {tmp_path}/link/fb.jsonl.partial.jsonl "
+                                                      f"is the samples file {samples}: choose another output_path")
+    # A symlink and a hard link at the progress file's path, and a symlink at the temporary file's
+    # (in process, so the pid in its name is known)
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "a.jsonl.partial.jsonl").symlink_to(samples)
+    os.link(samples, tmp_path / "b.jsonl.partial.jsonl")
+    (tmp_path / f"c.jsonl.tmp-{os.getpid()}").symlink_to(samples)
+    for out, what in (("a.jsonl", "progress file"), ("b.jsonl", "progress file"), ("c.jsonl", "temporary file")):
+        written = f"{tmp_path / out}.partial.jsonl" if what == "progress file" else f"{tmp_path / out}.tmp-{os.getpid()}"
+        refused(samples, tmp_path / out, f"the {what} {written} is the samples file {samples}: choose another output_path")
+
+
+def test_progress_file_never_writes_through_a_link(tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("keep me\n")
+    for name, make_link in (("sym", Path.symlink_to), ("hard", Path.hardlink_to)):
+        path = tmp_path / f"{name}.partial.jsonl"
+        make_link(path, other)
+        messages = []
+        partial = PartialFile(str(path), {"samples": 1})
+        assert partial.resume(messages.append) == 0 and "is a link" in messages[0]
+        partial.append([(0, 0.5)])
+        assert not path.is_symlink() and path.stat().st_nlink == 1 and list(partial.rewards()) == [(0, 0.5)]
+    assert other.read_text() == "keep me\n"
+
+
+# ---- remote code ------------------------------------------------------------------------------------
+CUSTOM_MODEL = """from pathlib import Path
+from transformers import AutoModel, LlamaConfig, LlamaForSequenceClassification, LlamaModel
+
+Path({marker!r}).touch()  # proof that this file ran
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "evil-llama"
+
+
+class EvilModel(LlamaModel):
+    config_class = EvilConfig
+
+
+AutoModel.register(EvilConfig, EvilModel)
+
+
+class EvilForSequenceClassification(LlamaForSequenceClassification):
+    config_class = EvilConfig
+"""
+
+
+def run_config_with(run, path, **model):
+    """The run's config.yaml with model fields changed, written to `path`."""
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.load(run / "config.yaml")
+    for key, value in model.items():
+        cfg.model[key] = value
+    OmegaConf.save(cfg, path)
+
+
+@pytest.fixture
+def evil(run, tmp_path):
+    """A run dir whose FINAL ships code (auto_map, a model_type transformers does not know) and
+    whose config.yaml sets trust_remote_code: (FINAL dir, marker the code creates, env)."""
+    final = tmp_path / "evil-run" / "FINAL"
+    shutil.copytree(run / "FINAL", final)
+    run_config_with(run, final.parent / "config.yaml", trust_remote_code=True)
+    marker = tmp_path / "EXECUTED"
+    (final / "custom_model.py").write_text(CUSTOM_MODEL.format(marker=str(marker)))
+    config = json.loads((final / "config.json").read_text())
+    config["model_type"] = "evil-llama"
+    config["auto_map"] = {"AutoConfig": "custom_model.EvilConfig",
+                          "AutoModelForSequenceClassification": "custom_model.EvilForSequenceClassification"}
+    (final / "config.json").write_text(json.dumps(config))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps(GOOD) + "\n")
+    return final, marker, samples, {"HF_MODULES_CACHE": str(tmp_path / "modules")}  # not the user's cache
+
+
+def test_remote_code_runs_only_with_the_flag(evil, tmp_path):
+    final, marker, samples, extra_env = evil
+    proc = label("--reward_model_path", final, samples, tmp_path / "out.jsonl", check=False, extra_env=extra_env)
+    assert proc.returncode == 2 and proc.stderr == (f"error: {final} ships its own model code (auto_map in "
+                                                    "config.json); pass --trust_remote_code to run it\n")
+    assert not marker.exists() and not list(tmp_path.glob("out.jsonl*"))
+    label("--reward_model_path", final, "--trust_remote_code", samples, tmp_path / "out.jsonl", extra_env=extra_env)
+    assert marker.exists() and len(read_output(tmp_path / "out.jsonl")) == 1
+
+
+def test_checkpoint_run_config_cannot_turn_on_remote_code(run, evil, tmp_path):
+    """A checkpoint is rebuilt from its run's config.yaml: there trust_remote_code: true and a base
+    model that ships code must not run that code either."""
+    final, marker, samples, extra_env = evil
+    step = tmp_path / "ckpt-run" / "checkpoints" / "step-6"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes((run / "checkpoints" / "step-6" / "model.safetensors").read_bytes())
+    run_config_with(run, step.parent.parent / "config.yaml", trust_remote_code=True, name_or_path=str(final))
+    proc = label("--reward_model_path", step, samples, tmp_path / "out.jsonl", check=False, extra_env=extra_env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"error: {final} ships its own model code" in proc.stderr and "--trust_remote_code" in proc.stderr
+    assert not marker.exists()
+    label("--reward_model_path", step, "--trust_remote_code", samples, tmp_path / "out.jsonl", extra_env=extra_env)
+    assert marker.exists()
+
+
+def test_checkpoint_is_built_without_remote_code_from_its_run_config(run, tmp_path, capsys, monkeypatch):
+    import train.build
+    step = tmp_path / "rm" / "checkpoints" / "step-6"
+    step.mkdir(parents=True)
+    (step / "model.safetensors").write_bytes((run / "checkpoints" / "step-6" / "model.safetensors").read_bytes())
+    run_config_with(run, step.parent.parent / "config.yaml", trust_remote_code=True)
+    seen = []
+
+    def build_model(cfg, tokenizer):
+        seen.append(cfg.model.trust_remote_code)
+        return real(cfg, tokenizer)
+
+    real = train.build.build_model
+    monkeypatch.setattr(train.build, "build_model", build_model)
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps(GOOD) + "\n")
+    code, _, err = label_in_process(capsys, "--reward_model_path", step, samples, tmp_path / "out.jsonl")
+    assert code == 0 and seen == [False], err
+    code, _, err = label_in_process(capsys, "--reward_model_path", step, "--trust_remote_code", samples,
+                                    tmp_path / "again.jsonl")
+    assert code == 0 and seen == [False, True], err
 
 
 def test_model_path_that_is_not_a_model(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL at several points, atomic checkpoints, preemption, non-finite values."""
 import json
+import re
 import signal
 import subprocess
 import time
@@ -78,7 +79,7 @@ def test_kill_during_save_leaves_previous_checkpoint_and_resume_uses_it(tmp_path
     torn = root / ".tmp-step-4"
     assert torn.is_dir() and (torn / "model.safetensors").is_file() and not (torn / "COMPLETE").exists()
     resumed = launch([*RUN, f"cache_dir={cache}", "exp_name=run", "resume=auto"])
-    assert f"ignoring incomplete checkpoint {torn}" in resumed.stdout
+    assert f"removing {torn}: left by a save that did not finish" in resumed.stdout and not torn.exists()
     assert "resumed from" in resumed.stdout and "step-2 at step 2" in resumed.stdout
     assert_same_run(Path(cache) / "run", reference)
 
@@ -162,41 +163,100 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
     assert train == list(range(1, 101)) and (run / "FINAL" / "COMPLETE").is_file()
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def pairs(n, margin_at=()):
-    rows = []
-    for i in range(n):
-        row = {"prompt": f"what is {i} plus one?", "chosen": f"it is {i + 1}.", "rejected": f"it is {i + 5}."}
-        if i in margin_at:
-            row["margin"] = 1e39  # finite in JSON, inf in fp32: a non-finite loss
-        rows.append(row)
-    return rows
-
-
 def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):
-    data = write_jsonl(tmp_path / "d.jsonl", pairs(200, margin_at={150, 151, 152}))
-    args = ["model=tiny-llama", "datasets=[jsonl]", f"++datasets.jsonl.path={data}", "batch_size=8",
-            "microbatch_size=8", "save_every=8", f"cache_dir={tmp_path}", "exp_name=nan", "n_eval_examples=20"]
-    proc = launch(args, check=False)
+    # SGD at lr 3e38 without clipping: step 1 is finite, its weights overflow every later forward.
+    args = [*TINY, "lr=3e38", "optimizer=SGD", "warmup=0", "max_grad_norm=1e38", "save_every=16",
+            f"cache_dir={tmp_path}"]
+    proc = launch([*args, "exp_name=nan"], check=False)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]  # after the progress bar
     assert "Traceback" not in proc.stderr and line.startswith("error: ")
-    assert "non-finite loss or gradient at step" in line and "last good checkpoint:" in line and "step-" in line
+    assert f"non-finite loss or gradient at step 2; last good checkpoint: {tmp_path}/nan/checkpoints/step-1" in line
     assert not (tmp_path / "nan" / "FINAL").exists()
     skip = launch([*args, "exp_name=nan-skip", "on_nonfinite=skip"])
     final = final_metrics(tmp_path / "nan-skip")
-    assert 1 <= final["skipped_steps"] <= 3
+    assert final["skipped_steps"] == final["steps"] - 1 == 11  # every step after the first
     assert all(torch.isfinite(t).all() for t in final_weights(tmp_path / "nan-skip").values())
     assert skip.returncode == 0
 
 
 def test_nonfinite_weights_are_never_written_as_final(tmp_path):
-    args = [*TINY, "lr=inf", "on_nonfinite=skip", "warmup=0", f"cache_dir={tmp_path}",
-            "exp_name=blowup", "optimizer=SGD"]
-    proc = launch(args, check=False)
+    args = [*TINY, "on_nonfinite=skip", f"cache_dir={tmp_path}", "exp_name=blowup"]
+    proc = launch(args, check=False, extra_env={"REWARD_HARNESS_INF_WEIGHTS_AT": 3})
     assert proc.returncode == 2 and "non-finite weights" in proc.stderr
     assert not (tmp_path / "blowup" / "FINAL").exists()
+
+
+# ---- storage faults: a small tmpfs (needs root to mount; skipped otherwise) -------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """(mount point, resize(size, mode)) of a tmpfs that starts at 1 MB."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+
+    def resize(size, mode="rw"):
+        subprocess.run(["mount", "-o", f"remount,{mode},size={size}", str(disk)], check=True)
+
+    yield disk, resize
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(r"(train|tokenizing|Writing)", line)]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+def leftovers(run: Path) -> list:
+    return [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_one_and_resume_continues_from_it(small_disk, reference):
+    disk, resize = small_disk
+    resize("36M")  # the first checkpoint (24 MB) fits, the second does not
+    args = [*RUN, f"cache_dir={disk}", "exp_name=run"]
+    line = one_error_line(launch(args, check=False))
+    run = disk / "run"
+    assert f"could not save checkpoint {run}/checkpoints/step-4: No space left on device" in line, line
+    assert f"the last complete checkpoint is {run}/checkpoints/step-2" in line and "resume=auto" in line
+    assert (run / "checkpoints" / "step-2" / "COMPLETE").is_file() and not leftovers(run)
+    resize("300M")  # space freed
+    resumed = launch([*args, "resume=auto"])
+    assert f"resumed from {run}/checkpoints/step-2 at step 2" in resumed.stdout
+    assert_same_run(run, reference)
+
+
+def test_disk_full_while_writing_final_leaves_no_partial_final(small_disk, reference):
+    disk, resize = small_disk
+    resize("28M")  # the one checkpoint (24 MB) fits, FINAL (9 MB) does not
+    args = [*RUN, "save_every=160", "keep_last_n_checkpoints=1", f"cache_dir={disk}", "exp_name=run"]
+    line = one_error_line(launch(args, check=False))
+    run = disk / "run"
+    assert f"could not save {run}/FINAL: " in line and "No space left on device" in line, line
+    assert f"the last complete checkpoint is {run}/checkpoints/step-10" in line
+    assert not (run / "FINAL").exists() and not leftovers(run)
+    resize("300M")
+    resumed = launch([*args, "resume=auto"])
+    assert f"resumed from {run}/checkpoints/step-10" in resumed.stdout
+    assert_same_run(run, reference)
+
+
+def test_read_only_cache_dir_is_one_line(small_disk):
+    disk, resize = small_disk
+    (disk / "run").mkdir()
+    resize("1M", mode="ro")
+    for exp_name in ("run", "new"):  # an existing run dir, and one that cannot be created
+        line = one_error_line(launch([*TINY, f"cache_dir={disk}", f"exp_name={exp_name}"], check=False))
+        assert f"cannot write in the run dir {disk}/{exp_name}: Read-only file system" in line, line
+
+
+def test_fault_drill_of_random_kills_ends_bit_identical(tmp_path):
+    """scripts/fault_drill.py, small: random SIGKILLs, each followed by resume=auto."""
+    proc = subprocess.run([PYTHON, "scripts/fault_drill.py", "--kills", "3", "--n_train", "192", "--workdir",
+                           str(tmp_path)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "FINAL weights bit-identical to the uninterrupted run" in proc.stdout
+    assert "| where the kill landed | kills |" in proc.stdout

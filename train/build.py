@@ -3,20 +3,22 @@
 Everything that can be rejected without a model (config values, the run directory, resume) is
 checked first, so a mistake costs no model load.
 """
+import contextlib
 import os
 import random
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from train import checkpoint, sweep, trainers
 from train.config import validate
 from train.data.loader import load_examples, tokenize
-from train.errors import UserError
+from train.errors import UserError, storage_error
 from train.models import AutoModelForBradleyTerry, convert_gguf, load_tokenizer
+from train.runlock import RunLock
 
 
 def in_multirun() -> bool:
@@ -109,8 +111,28 @@ def fixed_eval_indices(n_test: int, n_eval: int, seed: int = 0) -> list:
     return sorted(order[:n_eval])
 
 
-def build(cfg):
-    """The trainer for this config, or None when resume=auto finds the run already finished."""
+def lock_run_dir(run_dir: str, accelerator, held: contextlib.ExitStack):
+    """The main process takes the run-dir lock (train/runlock.py) and keeps it in `held` until the
+    run ends; every process learns whether it got it, so all stop with the same line if not."""
+    refusal = [None]
+    if accelerator.is_main_process:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            held.enter_context(RunLock(run_dir))
+        except UserError as err:
+            refusal[0] = str(err)
+        except OSError as err:  # a read-only or full cache dir
+            refusal[0] = storage_error(f"cannot create the run dir {run_dir}", err)
+    broadcast_object_list(refusal)
+    if refusal[0]:
+        raise UserError(refusal[0])
+
+
+def build(cfg, held: contextlib.ExitStack = None):
+    """The trainer for this config, or None when resume=auto finds the run already finished.
+
+    `held` keeps the run-dir lock until the caller closes it (launch.py: when the run ends)."""
+    held = held if held is not None else contextlib.ExitStack()  # else: held until the process exits
     validate(cfg)
     if in_multirun() and trainers.BasicTrainer.stopped_by_signal:  # Ctrl-C stops the sweep, not one job
         raise UserError("not started: an earlier job of this sweep was stopped by a signal; rerun with resume=auto")
@@ -124,6 +146,9 @@ def build(cfg):
         # when every process holds all the weights (DDP); sharded training would save a shard.
         raise UserError(f"distributed_type {accelerator.distributed_type.name} is not supported by this trainer yet: "
                         "use DDP (accelerate_config/ddp_gpu.yaml) with model.dtype=bfloat16 and activation checkpointing")
+    lock_run_dir(run_dir, accelerator, held)  # before the run dir is read: another run may be writing it
+    if accelerator.is_main_process:
+        checkpoint.remove_leftovers(run_dir, log)
     resume = resume_point(cfg, run_dir, log)
     if resume == "finished":
         log(f"{run_dir}/FINAL exists: run already finished, nothing to do")
@@ -131,8 +156,10 @@ def build(cfg):
     if resume:
         check_resume_config(cfg, run_dir)
     if accelerator.is_main_process:
-        os.makedirs(run_dir, exist_ok=True)
-        checkpoint.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+        try:
+            checkpoint.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+        except OSError as err:
+            raise UserError(storage_error(f"cannot write {run_dir}/config.yaml", err))
     trainer_class = getattr(trainers, cfg.loss.trainer)  # checked by validate()
     set_seed(cfg.seed)
 

@@ -5,6 +5,7 @@ renamed to checkpoints/step-N. A dir without the marker (a kill during a save) i
 from. Weights are safetensors; optimizer/scheduler/RNG use torch.save and are read back with
 weights_only=True, so loading a checkpoint never runs pickled code.
 """
+import contextlib
 import json
 import os
 import random
@@ -32,12 +33,19 @@ class TrainState:
 
 
 def atomic_write_text(path: str, text: str):
+    """Write under a temporary name, then rename: `path` is never half-written. On a failure
+    (a full disk) the temporary file goes too, so it does not keep the space."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def is_complete(path: str) -> bool:
@@ -91,15 +99,22 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _torch_save(obj, path: str):
+    # Through a Python file, so that a failed write (a full disk) surfaces as the OSError that says
+    # why; torch.save(obj, path) reports it only as "unexpected pos" (see errors.storage_error).
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_rng(tmp_dir: str, rank: int):
-    torch.save(rng_state(), os.path.join(tmp_dir, f"rng-{rank}.pt"))
+    _torch_save(rng_state(), os.path.join(tmp_dir, f"rng-{rank}.pt"))
 
 
 def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState):
     """The main process's part of a checkpoint (RNG files are written by every process)."""
     save_model(model, os.path.join(tmp_dir, "model.safetensors"))  # handles tied weights
-    torch.save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
+    _torch_save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
+    _torch_save(scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
     atomic_write_text(os.path.join(tmp_dir, "state.json"), json.dumps(asdict(state), indent=1))
 
 
@@ -117,6 +132,23 @@ def load(path: str, model, optimizer, scheduler, rank: int) -> TrainState:
     if state.step > state.skipped_steps and not optimizer.state_dict()["state"]:
         raise RuntimeError(f"optimizer state missing after loading {path}")
     return state
+
+
+def remove_leftovers(run_dir: str, log=print):
+    """Delete what a save killed midway left behind (.tmp-step-N, .tmp-FINAL, FINAL.old-PID,
+    *.tmp-PID files), so it does not keep disk space. Only safe under the run-dir lock
+    (train/runlock.py): then no other process can be writing them."""
+    root = os.path.join(run_dir, "checkpoints")
+    names = [os.path.join("checkpoints", n) for n in os.listdir(root)] if os.path.isdir(root) else []
+    for name in names + os.listdir(run_dir):
+        base = os.path.basename(name)
+        if base.startswith(".tmp-") or re.fullmatch(r".+\.(tmp|old)-\d+", base):
+            path = os.path.join(run_dir, name)
+            log(f"removing {path}: left by a save that did not finish")
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def prune(run_dir: str, keep: int):

@@ -6,6 +6,8 @@ misspelled command-line key into one line with a suggestion before Hydra prints 
 """
 import difflib
 import importlib.util
+import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -15,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from train.data.formatting import TRUNCATION_POLICIES
-from train.errors import UserError
+from train.errors import UserError, storage_error
 
 
 @dataclass
@@ -161,8 +163,9 @@ def _check_key(dotted: str):
         schema = ftype
 
 
-def check_overrides(argv: List[str]):
-    """Reject misspelled keys on the command line with one line, before Hydra composes."""
+def check_overrides(argv: List[str]) -> list:
+    """Reject misspelled keys on the command line with one line, before Hydra composes.
+    Returns the run dirs the command line names (see _check_run_dir_overrides)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -184,6 +187,43 @@ def check_overrides(argv: List[str]):
         ftype = _check_key(key)
         if ftype is not None and not override.is_sweep_override():
             _check_type(key, ftype, override.value())
+    return _check_run_dir_overrides(overrides, config_dir)
+
+
+def _check_run_dir_overrides(overrides, config_dir: Path) -> list:
+    """check_run_dir on the command line's values, before Hydra composes: Hydra creates the run
+    dir (and writes .hydra/ into it) before launch.py's code runs, so validate() would be too late.
+    Returns the run dirs (several for a sweep over exp_name), unless set by an interpolation."""
+    defaults = OmegaConf.to_container(OmegaConf.load(config_dir / "config.yaml"), resolve=False)
+    values = {k: [defaults[k]] for k in ("cache_dir", "exp_name", "local_run_dir")}
+    for override in overrides:
+        if override.key_or_group in values:
+            values[override.key_or_group] = (list(override.sweep_string_iterator()) if override.is_sweep_override()
+                                             else [override.value()])
+    run_dirs = []
+    for cache_dir in values["cache_dir"]:
+        for exp_name in values["exp_name"]:
+            for run_dir in values["local_run_dir"]:
+                if "${" in str(cache_dir) + str(exp_name):
+                    continue  # an interpolation: validate() checks the resolved value
+                run_dir = str(run_dir).replace("${cache_dir}", str(cache_dir)).replace("${exp_name}", str(exp_name))
+                if "${" not in run_dir:
+                    check_run_dir(str(cache_dir), "" if exp_name is None else str(exp_name), run_dir)
+                    run_dirs.append(run_dir)
+    return run_dirs
+
+
+def create_run_dirs(run_dirs: list):
+    """Made, and a file written in each, before Hydra runs: Hydra writes .hydra/ and launch.log there
+    first, and fails on a read-only or forbidden dir with a traceback."""
+    for run_dir in run_dirs:
+        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as err:
+            raise UserError(storage_error(f"cannot write in the run dir {run_dir}", err))
 
 
 def validate(cfg: DictConfig):
@@ -206,19 +246,72 @@ def validate(cfg: DictConfig):
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got '{cfg.on_nonfinite}'")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise UserError(f"wandb.mode must be offline, online or disabled, got '{cfg.wandb.mode}'")
-    for key in ("batch_size", "microbatch_size", "eval_batch_size", "n_epochs", "n_eval_examples",
-                "eval_every", "keep_last_n_checkpoints"):
-        if cfg[key] < 1:
-            raise UserError(f"{key} must be at least 1, got {cfg[key]}")
+    check_ranges(cfg, RANGES)
     if cfg.n_examples is not None and cfg.n_examples < cfg.batch_size:
         raise UserError(f"n_examples ({cfg.n_examples}) must be at least batch_size ({cfg.batch_size})")
+    check_run_dir(cfg.cache_dir, cfg.exp_name, cfg.local_run_dir)
     _check_names(cfg)
-    if not 0 <= cfg.warmup < 1:
-        raise UserError(f"warmup is a fraction of the steps in [0, 1), got {cfg.warmup}")
     if not cfg.datasets:
         raise UserError("no dataset selected: pass datasets=[synthetic] or datasets=[jsonl] ...")
     for name, options in cfg.datasets.items():
-        source_options(name, options)
+        check_ranges(source_options(name, options), SOURCE_RANGES.get(name, {}), f"datasets.{name}.")
+
+
+# The allowed range of every numeric key, checked before any model loads: (low, high), where a
+# bound in a list is exclusive ([0] means "more than 0") and None means unbounded.
+RANGES = {
+    "seed": (0, 2**32 - 1),  # numpy's seed range (accelerate.set_seed seeds numpy too)
+    "lr": ([0], None), "weight_decay": (0, None), "warmup": (0, [1]), "max_grad_norm": ([0], None),
+    "n_epochs": (1, None), "n_examples": (1, None), "batch_size": (1, None), "microbatch_size": (1, None),
+    "eval_batch_size": (1, None), "n_eval_examples": (1, None), "eval_every": (1, None), "save_every": (1, None),
+    "keep_last_n_checkpoints": (1, None), "num_workers": (0, None),
+    "loss.center_rewards_coefficient": (0, None),
+    "model.max_length": (2, None), "model.max_prompt_length": (0, None),
+}
+SOURCE_RANGES = {
+    "synthetic": {"n_train": (0, None), "n_test": (0, None), "seed": (0, 2**32 - 1)},
+    "jsonl": {"test_fraction": ([0], [1])},
+    "feedback": {"test_fraction": ([0], [1])},
+}
+
+
+def check_ranges(cfg, ranges: dict, prefix: str = ""):
+    """One line for the first value outside its range; None (an unset optional key) passes."""
+    for key, (low, high) in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"{prefix}{key} must be a finite number, got {value}")
+        below = value <= low[0] if isinstance(low, list) else low is not None and value < low
+        above = value >= high[0] if isinstance(high, list) else high is not None and value > high
+        if below or above:
+            lo = "" if low is None else f"{'more than' if isinstance(low, list) else 'at least'} {_bound(low)}"
+            hi = "" if high is None else f"{'less than' if isinstance(high, list) else 'at most'} {_bound(high)}"
+            raise UserError(f"{prefix}{key} must be {' and '.join(p for p in (lo, hi) if p)}, got {value}")
+
+
+def _bound(bound) -> str:
+    return str(bound[0] if isinstance(bound, list) else bound)
+
+
+# Directories the harness keeps in cache_dir beside the run dirs; a run must not land in them.
+SHARED_CACHE_DIRS = ("tokenized", "converted")
+
+
+def check_run_dir(cache_dir: str, exp_name: str, run_dir: str):
+    """The run dir must resolve to a directory strictly inside cache_dir, and not to one of the
+    shared cache dirs: `exp_name=../../x` would write elsewhere, an empty one into the cache root."""
+    if not str(exp_name).strip():
+        raise UserError("exp_name is empty: name the run, e.g. exp_name=my-rm")
+    cache, run = os.path.realpath(cache_dir), os.path.realpath(run_dir)
+    inside = os.path.relpath(run, cache)
+    if run == cache or inside == os.pardir or inside.startswith(os.pardir + os.sep):
+        raise UserError(f"the run dir {run_dir} (exp_name={exp_name}) is not inside cache_dir {cache_dir}: "
+                        "use a plain name such as exp_name=my-rm")
+    if inside.split(os.sep)[0] in SHARED_CACHE_DIRS:
+        raise UserError(f"exp_name={exp_name} puts the run inside {cache_dir}/{inside.split(os.sep)[0]}, "
+                        "which the harness uses as a cache: choose another exp_name")
 
 
 def _check_names(cfg):

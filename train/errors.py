@@ -3,3 +3,17 @@
 
 class UserError(Exception):
     """A mistake in config or input that the user can fix; printed as one line, exit code 2."""
+
+
+def storage_error(what: str, err: Exception) -> str:
+    """One line for a failed write (a full disk, a read-only or forbidden dir): what failed, where, why.
+
+    torch.save reports a failed write as a RuntimeError whose context is the OSError; that one
+    says why (e.g. No space left on device)."""
+    cause = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return f"{what}: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    where = f" ({cause.filename})" if cause.filename else ""
+    return f"{what}: {cause.strerror or cause}{where}"

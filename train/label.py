@@ -5,9 +5,10 @@
 
 The argument names are those of HALOs' train/label.py. Every pass over the samples is streamed,
 so memory does not grow with the file (only one float per sample is kept, for thresholds and pairs):
-1. every process reads and checks the whole samples file: a bad row stops the run before any
-   model loads;
-2. the reward model loads with its training run's formatting settings (<run>/config.yaml);
+1. no path the run writes (output, partial and temporary files) may be the samples file; every
+   process reads and checks the whole samples file: a bad row stops the run before any model loads;
+2. the reward model loads with its training run's formatting settings (<run>/config.yaml); code
+   shipped with it runs only with --trust_remote_code;
 3. samples are scored in chunks: each process takes every W-th sample of a chunk, encodes it with
    train.data.formatting.encode (the function training uses), sorts by length and scores batches
    under inference_mode; the main process gathers the chunk and appends [row, reward] lines to
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from train.errors import UserError
 from train.labeling import feedback
-from train.labeling.partial import PartialFile, header
+from train.labeling.partial import PartialFile, header, partial_path
 from train.labeling.samples import read_samples
 from train.labeling.scoring import CHUNK_BATCHES, EncodedChunks, Scorer, load_reward_model, settings
 from train.models import DTYPES
@@ -53,6 +54,9 @@ def parse_args(argv=None):
                         "GPU or when torch leaves a CPU core free, else 0")
     p.add_argument("--seed", type=int, default=0, help="pairwise: random pairing and A/B order")
     p.add_argument("--split", default=None, help="label only samples whose 'split' field is this")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run Python code shipped with the model or tokenizer (auto_map); never taken "
+                        "from the run's config.yaml")
     return p.parse_args(argv)
 
 
@@ -61,9 +65,14 @@ def check_args(args):
     args.threshold = feedback.parse_threshold(args.threshold, args.feedback_type)
     if not os.path.isfile(args.samples_path):
         raise UserError(f"{args.samples_path}: no such file")
-    out, inp = os.path.realpath(args.output_path), os.path.realpath(args.samples_path)
-    if out == inp or (os.path.exists(out) and os.path.samefile(out, inp)):
+    # Every path the labeler writes, checked before anything is read or written.
+    if same_file(args.output_path, args.samples_path):
         raise UserError(f"output_path is the samples file {args.samples_path}: refusing to overwrite the input")
+    for what, path in (("progress file", partial_path(args.output_path)),
+                       ("temporary file", feedback.temporary_path(args.output_path))):
+        if same_file(path, args.samples_path):
+            raise UserError(f"the {what} {path} is the samples file {args.samples_path}: choose another output_path")
+    out = os.path.realpath(args.output_path)
     if os.path.isdir(out):
         raise UserError(f"output_path {args.output_path} is a directory: name a file")
     if not os.path.isdir(os.path.dirname(out)):
@@ -72,6 +81,18 @@ def check_args(args):
         value = getattr(args, key)
         if value is not None and value < least:
             raise UserError(f"--{key} must be at least {least}, got {value}")
+
+
+def same_file(written: str, samples: str) -> bool:
+    """Whether writing `written` would write the samples file: the same path once '..' and
+    symlinks (a parent dir, or a link at `written` itself) are resolved, or the same inode (a
+    hard link)."""
+    if os.path.realpath(written) == os.path.realpath(samples):
+        return True
+    try:
+        return os.path.samefile(written, samples)
+    except OSError:  # `written` does not exist yet
+        return False
 
 
 def _whole_chunk(chunk):
@@ -188,10 +209,10 @@ def label(args):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     main = accelerator.is_main_process
     log = (lambda message: tqdm.write(message, file=sys.stderr)) if main else (lambda message: None)
-    partial = PartialFile(f"{args.output_path}.partial.jsonl", header(args.samples_path, args.split, args.reward_model_path, setup))
+    model, tokenizer = load_reward_model(args.reward_model_path, setup, args.trust_remote_code)
+    partial = PartialFile(partial_path(args.output_path), header(args.samples_path, args.split, args.reward_model_path, setup))
     done = [partial.resume(log) if main else 0]
     broadcast_object_list(done)  # every process skips the same samples
-    model, tokenizer = load_reward_model(args.reward_model_path, setup)
     scorer = Scorer(model, tokenizer, setup["max_length"], setup["max_prompt_length"], setup["truncation"],
                     args.batch_size, accelerator.device)
     log(f"labeling {total} samples from {args.samples_path} with {accelerator.num_processes} process(es); "

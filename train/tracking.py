@@ -60,8 +60,12 @@ def run_name(cfg, run_dir: str) -> str:
 
 
 def read_metrics(path: str) -> list:
+    """The records of metrics.jsonl; a last line torn by a kill or a full disk is left out."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def plot_metrics(records: list, out_dir: str):

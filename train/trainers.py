@@ -13,13 +13,14 @@ import time
 
 import torch
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from train import checkpoint
+from train import checkpoint, faults
 from train.data.loader import Collator, epoch_order, select
-from train.errors import UserError
+from train.errors import UserError, storage_error
 from train.losses import bradley_terry_loss, pair_metrics
 from train.models import AutoModelForBradleyTerry
 from train.tracking import Tracker
@@ -27,13 +28,6 @@ from train.tracking import Tracker
 
 class NonFiniteError(UserError):
     """A NaN or inf loss or gradient with on_nonfinite=stop."""
-
-
-def fault_point(name: str, count: int):
-    """Test hook for exact-resume tests: REWARD_HARNESS_KILL_AT=<name>:<count> SIGKILLs the process
-    at that point (names: mid_step, after_step, eval, save), so a kill lands where a test needs it."""
-    if os.environ.get("REWARD_HARNESS_KILL_AT") == f"{name}:{count}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def batch_plan(cfg, world: int) -> tuple:
@@ -90,7 +84,7 @@ class BasicTrainer:
         # Records written after the checkpoint (or by a run killed before its first one) go.
         self.tracker.truncate_after(self.state.examples if resume_from else -1)
         self.stop_requested = False
-        self.n_evals = self.n_saves = 0  # in this process's life, for fault_point
+        self.n_evals = self.n_saves = 0  # in this process's life, for faults.kill_point
 
     # ---- what subclasses define -------------------------------------------------------------
     def forward(self, batch: dict):
@@ -129,6 +123,7 @@ class BasicTrainer:
 
     def _train(self, bar) -> str:
         cfg, state = self.cfg, self.state
+        faults.set_phase("step")
         if state.step == 0 and cfg.do_first_eval and state.last_eval_examples < 0:
             self.evaluate()
         self.model.train()
@@ -172,7 +167,7 @@ class BasicTrainer:
                 chosen, rejected = self.forward(batch)
                 loss = self.loss(chosen, rejected, batch)
                 acc.backward(loss / len(micro))  # every microbatch has the same size: mean of means
-            fault_point("mid_step", state.step + 1)
+            faults.kill_point("mid_step", state.step + 1)
             for key, value in pair_metrics(chosen, rejected).items():
                 sums[key] += value
             sums["loss"] += loss.item() * len(batch["index"])
@@ -210,7 +205,8 @@ class BasicTrainer:
                   "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
                   "world_size": self.world}
         self.tracker.log(record)
-        fault_point("after_step", state.step)
+        faults.inf_weights(state.step, self.model)
+        faults.kill_point("after_step", state.step)
         return {**record, "_stop": total[8] > 0}
 
     def _crossed(self, every: int) -> bool:
@@ -226,9 +222,13 @@ class BasicTrainer:
             tqdm.write(message)
 
     # ---- eval ----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def evaluate(self, final: bool = False) -> dict:
         """Scores the FIXED eval set, split over processes; the main process logs and returns metrics."""
+        with faults.phase("eval"):
+            return self._evaluate(final)
+
+    @torch.inference_mode()
+    def _evaluate(self, final: bool) -> dict:
         model = self.accelerator.unwrap_model(self.model)  # no DDP: shards may differ in length
         model.eval()
         mine = list(range(self.rank, len(self.eval_ds), self.world))
@@ -241,7 +241,7 @@ class BasicTrainer:
             chosen, rejected = self._scores(model, batch)
             results += [(idx, sub, float(m), c, r) for idx, sub, m, c, r in zip(
                 batch["index"], batch["subset"], batch["margin"], chosen.float().tolist(), rejected.float().tolist())]
-            fault_point("eval", self.n_evals + 1)
+            faults.kill_point("eval", self.n_evals + 1)
         self.n_evals += 1
         model.train()
         everything = sorted(gather_object(results))
@@ -279,23 +279,48 @@ class BasicTrainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self):
+        """checkpoints/step-N, written as .tmp-step-N and renamed once complete (train/checkpoint.py)."""
         acc = self.accelerator
         root = os.path.join(self.run_dir, "checkpoints")
         final_dir = os.path.join(root, f"step-{self.state.step}")
         tmp = os.path.join(root, f".tmp-step-{self.state.step}")
-        if acc.is_main_process:
+
+        def start():
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-        acc.wait_for_everyone()
-        checkpoint.save_rng(tmp, self.rank)
-        acc.wait_for_everyone()  # every process's RNG file is in before the marker goes in
-        if acc.is_main_process:
+
+        def finish():
             checkpoint.save(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.state)
             self.n_saves += 1
-            fault_point("save", self.n_saves)  # files written, marker not yet: a torn checkpoint
+            faults.kill_point("save", self.n_saves)  # files written, marker not yet: a torn checkpoint
             checkpoint.mark_complete_and_publish(tmp, final_dir)
             checkpoint.prune(self.run_dir, self.cfg.keep_last_n_checkpoints)
-        acc.wait_for_everyone()
+
+        with faults.phase("save"):
+            what = f"checkpoint {final_dir}"
+            self._save_part(what, tmp, start if acc.is_main_process else None)
+            self._save_part(what, tmp, lambda: checkpoint.save_rng(tmp, self.rank))  # every process's RNG
+            self._save_part(what, tmp, finish if acc.is_main_process else None)  # the marker after all RNG files
+
+    def _save_part(self, what: str, tmp: str, work):
+        """Runs this process's part of a save, then waits for the others. If a write failed on any
+        process (a full disk, a read-only dir), the temporary dir is removed, so it neither keeps
+        the space nor looks like a checkpoint, and every process stops with the same line.
+        Nothing else is touched: the previous checkpoint stays complete and resumable."""
+        error = None
+        try:
+            if work is not None:
+                work()
+        except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports ENOSPC as RuntimeError
+            error = storage_error(f"could not save {what}", err)
+        errors = [e for e in gather_object([error]) if e]
+        if errors:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            complete = checkpoint.checkpoint_dirs(self.run_dir)[0]
+            kept = f"the last complete checkpoint is {complete[-1]}" if complete else "there is no complete checkpoint"
+            raise UserError(f"{errors[0]}; {kept}. Free some space (or make the dir writable), then rerun "
+                            "with resume=auto")
 
     def _resume(self, path: str):
         model = self.accelerator.unwrap_model(self.model)
@@ -310,9 +335,11 @@ class BasicTrainer:
         bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:  # checked on every process (the weights are replicated), so all stop together
             raise NonFiniteError(f"non-finite weights ({bad[0]}...): FINAL not written")
-        if acc.is_main_process:
-            tmp = os.path.join(self.run_dir, ".tmp-FINAL")
+        tmp = os.path.join(self.run_dir, ".tmp-FINAL")
+
+        def write():
             shutil.rmtree(tmp, ignore_errors=True)
+            self.tracker.plot()
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             metrics = {**final_metrics, "steps": self.state.step, "train_examples": self.state.examples,
@@ -320,9 +347,10 @@ class BasicTrainer:
                        **{f"data_{k}": v for k, v in self.data_counts.items()}}
             checkpoint.atomic_write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics, indent=1))
             checkpoint.mark_complete_and_publish(tmp, os.path.join(self.run_dir, "FINAL"))
-            self.tracker.plot()
-            self._say(f"final eval accuracy {final_metrics['accuracy']:.3f}; saved {self.run_dir}/FINAL")
-        acc.wait_for_everyone()
+
+        with faults.phase("save", after="done"):
+            self._save_part(f"{self.run_dir}/FINAL", tmp, write if acc.is_main_process else None)
+        self._say(f"final eval accuracy {final_metrics['accuracy']:.3f}; saved {self.run_dir}/FINAL")
 
     def cleanup(self, failed: bool = False):
         self.tracker.finish(exit_code=1 if failed else 0)

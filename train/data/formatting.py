@@ -11,7 +11,12 @@ Truncation works on token ids, never on strings, so it is exact:
   the prompt fits max_prompt_length and the pair fits max_length; if the response alone is
   still too long, drop its first tokens so that its end, where the score is read, survives.
 - "drop": a pair that does not fit is dropped (encode returns None) and counted by the caller.
+
+Only the tokens that truncation can keep are computed: a text much longer than max_length is
+tokenised in a window at its end (the prompt's end and the response's end are what is kept), so a
+50 MB row costs about what a row of max_length tokens costs. The ids are those of the whole text.
 """
+import re
 from functools import lru_cache
 from typing import Optional
 
@@ -68,6 +73,34 @@ def _texts(tokenizer, prompt, response) -> tuple:
     return prompt_as_text(prompt), response
 
 
+_GAP = re.compile(r"(?<=\S)\s")  # where a run of whitespace starts, i.e. a word has just ended
+
+
+def _last_tokens(tokenizer, text: str, need: int) -> list:
+    """The ids of the text's last tokens, as tokenising the whole text gives them: all of them, or
+    more than `need` of them.
+
+    A long text is tokenised in a window at its end, growing x4 until it yields more than `need`
+    tokens. A window starts where whitespace starts, and the tokens of its first word are not
+    used: where a word is cut, or what stood before it, changes its tokens (a "▁" prepended by
+    SentencePiece, "." and the newlines after it joined by Llama 3), the words after it do not.
+    Offsets tell where that first word ends, so this needs a fast tokenizer; a slow one, or a text
+    without whitespace, is tokenised whole.
+    """
+    size = 8 * need + 64  # characters: more than `need` tokens in nearly any text
+    while size < len(text) and tokenizer.is_fast:
+        first = _GAP.search(text, len(text) - size)
+        second = first and _GAP.search(text, first.end())
+        if second:
+            skip = second.start() - first.start()  # the window's first word ends here
+            window = tokenizer(text[first.start():], add_special_tokens=False, return_offsets_mapping=True)
+            ids = [i for i, (start, _) in zip(window["input_ids"], window["offset_mapping"]) if start >= skip]
+            if len(ids) > need:
+                return ids
+        size *= 4
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer, prompt, response: str, max_length: int, max_prompt_length: int,
            truncation: str = "cut_prompt_left") -> Optional[dict]:
     """Token ids for one (prompt, response); None when truncation="drop" and it does not fit.
@@ -75,13 +108,15 @@ def encode(tokenizer, prompt, response: str, max_length: int, max_prompt_length:
     Returns {"input_ids", "token_type_ids" (or absent), "truncated": bool}.
     """
     prompt_text, response_text = _texts(tokenizer, prompt, response)
-    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"] if prompt_text else []
-    r = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     if uses_chat_template(tokenizer):
         pre, mid, post, types = [], [], [], None  # the template holds its own special tokens
     else:
         pre, mid, post, types = _pair_layout(tokenizer)
     budget = max_length - len(pre) - len(mid) - len(post)
+    # At most budget response tokens and min(max_prompt_length, budget) prompt tokens are kept, and
+    # either text being longer than that is all the fit test below needs to know.
+    p = _last_tokens(tokenizer, prompt_text, max(min(max_prompt_length, budget), 0)) if prompt_text else []
+    r = _last_tokens(tokenizer, response_text, max(budget, 0))
     fits = len(p) + len(r) <= budget and len(p) <= max_prompt_length
     if not fits:
         if truncation == "drop":

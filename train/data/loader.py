@@ -14,6 +14,15 @@ from datasets.fingerprint import Hasher
 from train.data.formatting import encode
 from train.data.sources import SOURCES
 from train.config import source_options
+from train.errors import UserError
+
+# A pair whose chosen and rejected tokens are identical (after truncation) teaches nothing: its two
+# rewards are equal whatever the weights. A few such pairs are dropped quietly (counted as "identical"); more
+# than this share of a split means model.max_length cuts away what tells the answers apart, and the
+# run would train on far less data than the user gave it, so it stops instead.
+MAX_IDENTICAL_SHARE = 0.02
+# Part of the cache key: bump it when the columns written by tokenize() change.
+CACHE_FORMAT = 2
 
 
 def load_examples(cfg, log=print) -> tuple:
@@ -39,37 +48,56 @@ def _rows(examples) -> dict:
 
 
 def tokenize(examples, tokenizer, model_cfg, cache_dir: str) -> tuple:
-    """A datasets.Dataset of token ids, cached on disk by content; plus {truncated, dropped} counts."""
+    """A datasets.Dataset of token ids, cached on disk by content; plus {truncated, dropped, identical} counts.
+
+    A pair is dropped when truncation="drop" finds it too long ("dropped"), or when its chosen and
+    rejected tokens are the same after truncation ("identical"); too many identical pairs stop the run.
+    """
     opts = dict(max_length=model_cfg.max_length, max_prompt_length=model_cfg.max_prompt_length,
                 truncation=model_cfg.truncation)
 
+    nothing = {"input_ids": [], "truncated": False}
+
     def encode_batch(batch):
         out = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_types", "rejected_types",
-                               "truncated", "margin", "subset", "index")}
+                               "truncated", "status", "margin", "subset", "index")}
         for i in range(len(batch["index"])):
             prompt = batch["prompt"][i] if batch["prompt"][i] is not None else batch["turns"][i]
             c = encode(tokenizer, prompt, batch["chosen"][i], **opts)
             r = encode(tokenizer, prompt, batch["rejected"][i], **opts)
+            # Every pair keeps a row with its status, so the counts come back with the cached dataset.
             if c is None or r is None:  # truncation="drop": the pair does not fit
-                continue
+                status, c, r = "dropped", nothing, nothing
+            elif c["input_ids"] == r["input_ids"] and c.get("token_type_ids") == r.get("token_type_ids"):
+                status = "identical"
+            else:
+                status = "kept"
             out["chosen_ids"].append(c["input_ids"])
             out["rejected_ids"].append(r["input_ids"])
             out["chosen_types"].append(c.get("token_type_ids"))
             out["rejected_types"].append(r.get("token_type_ids"))
-            out["truncated"].append(c["truncated"] or r["truncated"])
+            out["truncated"].append(status == "kept" and (c["truncated"] or r["truncated"]))
+            out["status"].append(status)
             for key in ("margin", "subset", "index"):
                 out[key].append(batch[key][i])
         return out
 
     raw = datasets.Dataset.from_dict(_rows(examples))
     key = Hasher.hash([[asdict(e) for e in examples], tokenizer.name_or_path, len(tokenizer),
-                       tokenizer.chat_template, opts])
+                       tokenizer.chat_template, opts, CACHE_FORMAT])
     os.makedirs(cache_dir, exist_ok=True)
     ds = raw.map(encode_batch, batched=True, remove_columns=raw.column_names,
                  cache_file_name=os.path.join(cache_dir, f"tokenized-{key}.arrow"),
                  desc="tokenizing", new_fingerprint=key)
-    counts = {"truncated": int(sum(ds["truncated"])) if len(ds) else 0, "dropped": len(raw) - len(ds)}
-    return ds.with_format(None), counts
+    status = list(ds["status"])
+    counts = {"truncated": int(sum(ds["truncated"])), "dropped": status.count("dropped"),
+              "identical": status.count("identical")}
+    if counts["identical"] > MAX_IDENTICAL_SHARE * len(status):
+        raise UserError(f"{counts['identical']} of {len(status)} pairs have identical chosen and rejected tokens "
+                        f"after truncation to model.max_length={model_cfg.max_length} (more than "
+                        f"{MAX_IDENTICAL_SHARE:.0%}): set a larger model.max_length")
+    kept = ds.select([i for i, s in enumerate(status) if s == "kept"]).remove_columns("status")
+    return kept.with_format(None), counts
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list:

@@ -1,55 +1,22 @@
 """Dataset sources: each turns its config into (train, test) lists of PreferenceExample.
 
+Files are read by train.data.jsonfile (JSONL or a streamed JSON array, as label samples are).
 Every row is checked; a bad row is one line naming file, row and field (UserError), or is skipped
 and counted when the source sets on_error: skip. Rows are numbered from 1: the line of a JSONL
-file, the element of a JSON array.
+file, the element of a JSON array. A margin must lie within ±MAX_ABS_MARGIN.
 """
-import json
-import math
 import random
-from typing import Callable, Iterator, Tuple
+import reprlib
+from typing import Callable
 
 from train.data.example import PreferenceExample
+from train.data.jsonfile import RowError, read_rows
 from train.errors import UserError
 
-
-class RowError(ValueError):
-    """A problem with one row: the message names the field."""
-
-
-def is_json_array(path: str) -> bool:
-    """A JSON array (else JSONL), told by its first non-blank byte; an unreadable file is one line."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(1024).lstrip().startswith(b"[")
-    except OSError as err:
-        raise UserError(f"{path}: cannot read: {err.strerror}")
-
-
-def read_rows(path: str) -> Iterator[Tuple[int, object]]:
-    """(row number, parsed JSON) for a JSONL file or a JSON array; bad JSON/UTF-8 -> RowError rows."""
-    if is_json_array(path):  # parsed whole, then numbered by element
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            rows = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            line = raw[:err.start].count(b"\n") + 1
-            raise UserError(f"{path}: line {line}: bytes that are not UTF-8")
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})")
-        yield from enumerate(rows, start=1)
-        return
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                yield number, RowError("bytes that are not UTF-8")
-            except json.JSONDecodeError as err:
-                yield number, RowError(f"not valid JSON ({err.msg})")
+# Margins are in reward units, i.e. logits (the loss is -log σ(s_chosen - s_rejected - margin)): a
+# margin of 20 already asks for a preference probability of 1 - 2e-9. Far larger values are mistakes,
+# and beyond ~3e38 they overflow to inf in fp32 and stop training much later with a non-finite loss.
+MAX_ABS_MARGIN = 1000
 
 
 def text_field(row: dict, name: str) -> str:
@@ -64,12 +31,15 @@ def text_field(row: dict, name: str) -> str:
 
 
 def prompt_field(row: dict, name: str = "prompt"):
-    """A prompt is a non-empty string or a list of {role, content} turns."""
+    """A prompt is a non-empty string or a list of {role, content} turns with non-empty content."""
     value = row.get(name)
     if isinstance(value, list):
         if not value or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
                                 and isinstance(t.get("content"), str) for t in value):
             raise RowError(f"field '{name}': a list must hold {{role, content}} turns of strings")
+        for number, turn in enumerate(value, start=1):  # the rule for a prompt string, per turn
+            if not turn["content"].strip():
+                raise RowError(f"field '{name}': turn {number} has empty content")
         return value
     return text_field(row, name)
 
@@ -84,8 +54,9 @@ def preference_row(row) -> PreferenceExample:
     margin = row.get("margin")
     if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
         raise RowError(f"field 'margin': expected a number, got {type(margin).__name__}")
-    if margin is not None and not math.isfinite(margin):
-        raise RowError(f"field 'margin': expected a finite number, got {margin}")
+    if margin is not None and not abs(margin) <= MAX_ABS_MARGIN:  # also NaN and Infinity, which json reads
+        raise RowError(f"field 'margin': expected a number from -{MAX_ABS_MARGIN} to {MAX_ABS_MARGIN} "
+                       f"(reward units), got {reprlib.repr(margin)}")
     subset = row.get("subset", "default")
     if not isinstance(subset, str):
         raise RowError(f"field 'subset': expected a string, got {type(subset).__name__}")

@@ -122,16 +122,26 @@ def plan_pairs(groups: dict, mode: str, threshold, seed: int) -> tuple:
 
 
 # ---- writing ----------------------------------------------------------------------------------------
+def temporary_path(path: str) -> str:
+    """Where FeedbackWriter writes before renaming into `path` (train.label checks it is not the input)."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
 class FeedbackWriter:
     """Rows to a JSON array (JSONL when the path ends in .jsonl), published atomically on success."""
 
     def __init__(self, path: str):
-        self.path, self.tmp = path, f"{path}.tmp-{os.getpid()}"
+        self.path, self.tmp = path, temporary_path(path)
         self.jsonl = path.endswith(".jsonl")
         self.count = 0
 
     def __enter__(self):
-        self.f = open(self.tmp, "w", encoding="utf-8")
+        # A new file of our own: a leftover at this name (even a symlink or a hard link) is
+        # removed, not written through, and O_EXCL refuses anything put there meanwhile.
+        if os.path.lexists(self.tmp):
+            os.remove(self.tmp)
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.f = os.fdopen(fd, "w", encoding="utf-8")
         if not self.jsonl:
             self.f.write("[")
         return self

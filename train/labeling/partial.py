@@ -23,8 +23,15 @@ def header(samples_path: str, split, reward_model_path: str, setup: dict) -> dic
             **{k: setup[k] for k in ("max_length", "max_prompt_length", "truncation", "dtype")}}
 
 
+def partial_path(output_path: str) -> str:
+    return f"{output_path}.partial.jsonl"
+
+
 class PartialFile:
-    """<output>.partial.jsonl: a header naming what was scored, then one [row, reward] line per sample."""
+    """<output>.partial.jsonl: a header naming what was scored, then one [row, reward] line per sample.
+
+    It is always a file of its own: a symlink or hard link found at its path is replaced, and
+    writes never follow a symlink, so a link cannot redirect them onto another file (the input)."""
 
     def __init__(self, path: str, header: dict):
         self.path, self.header = path, header
@@ -32,7 +39,9 @@ class PartialFile:
     def resume(self, log) -> int:
         """Samples already scored with the same settings (0 for a fresh start); cuts a torn last line."""
         good, done = 0, 0  # bytes and samples worth keeping
-        if os.path.exists(self.path):
+        if os.path.islink(self.path) or (os.path.exists(self.path) and os.stat(self.path).st_nlink > 1):
+            log(f"{self.path} is a link, not a progress file of its own: starting over")
+        elif os.path.exists(self.path):
             with open(self.path, "rb") as f:
                 first = f.readline()
                 try:
@@ -50,16 +59,22 @@ class PartialFile:
                     changed = sorted(k for k in self.header if (old or {}).get(k) != self.header[k])
                     log(f"{self.path} was written with different settings ({', '.join(changed)}): starting over")
         if done:
-            with open(self.path, "r+b") as f:
+            with self._open(0) as f:
                 f.truncate(good)
             log(f"resuming: {done} samples already scored in {self.path}")
         else:
-            with open(self.path, "w") as f:
+            if os.path.lexists(self.path):  # removed, not truncated: it may be a link
+                os.remove(self.path)
+            with self._open(os.O_CREAT | os.O_EXCL) as f:
                 f.write(json.dumps(self.header) + "\n")
         return done
 
+    def _open(self, flags: int):
+        """For writing at the end, never through a symlink (one put there after resume())."""
+        return os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | flags, 0o666), "w")
+
     def append(self, scored: list):
-        with open(self.path, "a") as f:
+        with self._open(0) as f:
             f.write("".join(json.dumps([row, reward]) + "\n" for row, reward in scored))
             f.flush()
             os.fsync(f.fileno())  # a kill after this loses nothing already reported as done

@@ -1,7 +1,8 @@
 """The reward model for labeling: loaded as its training run built it, fed as training fed it.
 
 - settings() and load_reward_model() accept a run's FINAL dir, a checkpoint dir (rebuilt from
-  <run>/config.yaml, then its safetensors weights) or a plain HF classifier dir.
+  <run>/config.yaml, then its safetensors weights) or a plain HF classifier dir. Code shipped
+  with a model runs only with --trust_remote_code, whatever the run's config.yaml says.
 - encode_sample() is train.data.formatting.encode, the function training uses.
 - Scorer pads length-sorted batches; EncodedChunks reads and encodes in DataLoader workers.
 """
@@ -12,6 +13,7 @@ import os
 import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from train.data.formatting import encode
 from train.errors import UserError
@@ -68,22 +70,56 @@ def settings(path: str, args) -> dict:
     return {**base, "run_config": cfg}
 
 
-def load_reward_model(path: str, setup: dict):
-    """(AutoModelForBradleyTerry in eval mode, tokenizer) from a FINAL, checkpoint or classifier dir."""
+def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
+    """(AutoModelForBradleyTerry in eval mode, tokenizer) from a FINAL, checkpoint or classifier dir.
+
+    Code shipped with the model runs only when the caller passes trust_remote_code (the
+    command-line flag), never because the run's config.yaml says so: a run dir from someone
+    else must not be able to execute code by being labelled."""
     cfg = setup["run_config"]
-    if model_kind(path) == "checkpoint":
-        from train.build import build_model, prepare_tokenizer  # training's construction, then its weights
-        cfg.model.dtype = setup["dtype"]
-        tokenizer = prepare_tokenizer(cfg)
-        model = build_model(cfg, tokenizer)
-        load_model(model, os.path.join(path, "model.safetensors"))
-    else:
-        trust = bool(cfg.model.trust_remote_code) if cfg is not None else False
-        tokenizer = load_tokenizer(path, trust)
-        model = AutoModelForBradleyTerry.from_pretrained(
-            path, setup["dtype"], tokenizer.pad_token_id,
-            cfg.model.attn_implementation if cfg is not None else None, trust)
+    checkpoint = model_kind(path) == "checkpoint"
+    sources = [d for d in (cfg.model.tokenizer_name_or_path, cfg.model.name_or_path) if d] if checkpoint else [path]
+    refusal = "; pass --trust_remote_code to run it"
+    found = None if trust_remote_code else shipped_code(sources, needed_only=True)
+    if found:  # checked before loading: one line, with no transformers warning before it
+        raise UserError(found + refusal)
+    try:
+        if checkpoint:
+            from train.build import build_model, prepare_tokenizer  # training's construction, then its weights
+            cfg.model.dtype = setup["dtype"]
+            cfg.model.trust_remote_code = trust_remote_code
+            tokenizer = prepare_tokenizer(cfg)
+            model = build_model(cfg, tokenizer)
+            load_model(model, os.path.join(path, "model.safetensors"))
+        else:
+            tokenizer = load_tokenizer(path, trust_remote_code)
+            model = AutoModelForBradleyTerry.from_pretrained(
+                path, setup["dtype"], tokenizer.pad_token_id,
+                cfg.model.attn_implementation if cfg is not None else None, trust_remote_code)
+    except ValueError as err:  # transformers refusing code that the check above did not foresee
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise UserError((shipped_code(sources) or f"{sources[0]} ships its own model code") + refusal) from None
     return model.eval(), tokenizer
+
+
+def shipped_code(dirs: list, needed_only: bool = False):
+    """'<dir> ships its own model code (auto_map in <file>)' for the first dir whose config.json
+    or tokenizer_config.json names code of its own; None if none does. needed_only: only a
+    config.json whose model_type transformers does not know, so that loading must run the code."""
+    for d in dirs:
+        for name in ("config.json", "tokenizer_config.json"):
+            try:
+                with open(os.path.join(str(d), name)) as f:
+                    config = json.load(f)
+            except (OSError, ValueError):
+                continue
+            if not isinstance(config, dict) or "auto_map" not in config:
+                continue
+            if needed_only and (name != "config.json" or config.get("model_type") in CONFIG_MAPPING):
+                continue
+            return f"{d} ships its own model code (auto_map in {name})"
+    return None
 
 
 def encode_sample(tokenizer, prompt, output, fmt: dict) -> dict:
