@@ -4,15 +4,14 @@ See README.md. Config lives in config/; the schema with every key's meaning is t
 """
 import contextlib
 import errno
-import os
 import sys
 
 import hydra
 
 from train.build import build, in_multirun
+from train.checkpoint import final_metrics
 from train.config import check_overrides, create_run_dirs, register
-from train.errors import UserError, storage_error
-from train.sweep import final_accuracy
+from train.errors import UserError, exit_with_error, storage_error
 
 register()
 # Write failures that are the machine's state, not a bug: one line instead of a traceback.
@@ -30,10 +29,7 @@ def main(cfg):
             raise  # not a storage fault: a bug, keep its traceback
         if in_multirun():  # let the sweep record this job as failed and go on with the others
             raise
-        if os.environ.get("RANK", "0") == "0":  # every process stops; one of them says why
-            message = err if isinstance(err, UserError) else storage_error("cannot write", err)
-            print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err if isinstance(err, UserError) else storage_error("cannot write", err))
 
 
 def run(cfg, held):
@@ -41,7 +37,7 @@ def run(cfg, held):
     try:
         trainer = build(cfg, held)
         if trainer is None:  # resume=auto on a finished run: report the result it already has
-            return final_accuracy(cfg.local_run_dir)
+            return final_metrics(cfg.local_run_dir)["accuracy"]
         status = trainer.train()
         return trainer.last_eval["accuracy"] if status == "done" else None  # None: preempted, no result yet
     finally:
@@ -53,6 +49,5 @@ if __name__ == "__main__":
     try:
         create_run_dirs(check_overrides(sys.argv[1:]))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err)
     main()

@@ -11,6 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from anywhere
 
+from train.errors import exit_with_error  # noqa: E402
 from train.sweep import job_dirs, to_markdown, write_summary  # noqa: E402
 
 
@@ -19,9 +20,7 @@ def main(argv=None) -> int:
     parser.add_argument("sweep_dir", help="the sweep's dir: hydra.sweep.dir, by default ${cache_dir}/${exp_name}")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.sweep_dir) or not job_dirs(args.sweep_dir):
-        print(f"error: {args.sweep_dir} holds no sweep jobs (no <job>/.hydra/overrides.yaml under it)",
-              file=sys.stderr)
-        return 2
+        exit_with_error(f"{args.sweep_dir} holds no sweep jobs (no <job>/.hydra/overrides.yaml under it)")
     summary = write_summary(args.sweep_dir)
     print(to_markdown(summary), end="")
     print(f"\nwrote {os.path.join(summary['sweep_dir'], 'summary.md')} (+ .csv, .png)")

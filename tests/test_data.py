@@ -7,7 +7,7 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from train.config import FileSource
+from train.data.options import FileSource
 from train.data.jsonfile import MAX_DEPTH, iter_json_array, read_rows
 from train.data.sources import feedback_row, file_source, preference_row, read_file
 from train.errors import UserError

@@ -21,9 +21,10 @@ import torch
 
 from tests.conftest import ACCELERATE, PYTHON, ROOT, env, launch
 from train import label as label_module
+from train.data import jsonfile
 from train.data.formatting import encode
 from train.data.synthetic import synthetic_examples
-from train.labeling import feedback, samples as sample_files
+from train.labeling import feedback
 from train.labeling.partial import PartialFile
 from train.models import AutoModelForBradleyTerry, load_tokenizer
 
@@ -374,7 +375,7 @@ def test_pairwise_feedback_trains_a_new_reward_model(run, samples, scalar, tmp_p
     label("--reward_model_path", run / "FINAL", "--feedback_type", "pairwise", samples[0], feedback_file)
     pairs = read_output(feedback_file)
     # The harness reads each pair with the higher-reward output as chosen.
-    from train.config import FileSource
+    from train.data.options import FileSource
     from train.data.sources import SOURCES
     train, test = SOURCES["feedback"](FileSource(path=str(feedback_file)), 0, log=lambda *a: None)
     assert len(train) + len(test) == len(pairs)
@@ -591,7 +592,7 @@ def test_checkpoint_run_config_cannot_turn_on_remote_code(run, evil, tmp_path):
 
 
 def test_checkpoint_is_built_without_remote_code_from_its_run_config(run, tmp_path, capsys, monkeypatch):
-    import train.build
+    from train.labeling import scoring
     step = tmp_path / "rm" / "checkpoints" / "step-6"
     step.mkdir(parents=True)
     (step / "model.safetensors").write_bytes((run / "checkpoints" / "step-6" / "model.safetensors").read_bytes())
@@ -602,8 +603,8 @@ def test_checkpoint_is_built_without_remote_code_from_its_run_config(run, tmp_pa
         seen.append(cfg.model.trust_remote_code)
         return real(cfg, tokenizer)
 
-    real = train.build.build_model
-    monkeypatch.setattr(train.build, "build_model", build_model)
+    real = scoring.build_model
+    monkeypatch.setattr(scoring, "build_model", build_model)
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps(GOOD) + "\n")
     code, _, err = label_in_process(capsys, "--reward_model_path", step, samples, tmp_path / "out.jsonl")
@@ -663,12 +664,12 @@ def test_json_array_reader_streams_any_chunking(tmp_path, chunk):
     values = [{"a": "ü€" * k, "b": [1, 2, {"c": None}]} for k in range(5)] + [12345, -0.5e3, "x", [], {}]
     path = tmp_path / "a.json"
     path.write_text(json.dumps(values, indent=2, ensure_ascii=False), encoding="utf-8")
-    assert [v for _, v in sample_files.iter_json_array(str(path), chunk)] == values
+    assert [v for _, v in jsonfile.iter_json_array(str(path), chunk)] == values
     path.write_text(" [ ] ")
-    assert list(sample_files.iter_json_array(str(path), chunk)) == []
+    assert list(jsonfile.iter_json_array(str(path), chunk)) == []
     path.write_text('[{"a": 1}, {"a": 2} {"a": 3}]')
     with pytest.raises(Exception, match="row 3: not valid JSON"):
-        list(sample_files.iter_json_array(str(path), chunk))
+        list(jsonfile.iter_json_array(str(path), chunk))
     path.write_text('[{"a": 1}, {"a": 2')
     with pytest.raises(Exception, match="row 2: not valid JSON"):
-        list(sample_files.iter_json_array(str(path), chunk))
+        list(jsonfile.iter_json_array(str(path), chunk))

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.sweep import job_subdir, summarize, threads_per_job, write_summary
+from train.build import threads_per_job
+from train.resolvers import job_subdir
+from train.sweep import summarize, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 # A random 2-layer Llama on 128 pairs: 4 optimizer steps of 32 pairs, a few seconds per job.

@@ -13,11 +13,11 @@ from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from train import checkpoint, sweep, trainers
+from train import atomic, checkpoint, trainers
 from train.config import validate
 from train.data.loader import load_examples, tokenize
 from train.errors import UserError, storage_error
-from train.models import AutoModelForBradleyTerry, convert_gguf, load_tokenizer
+from train.models import build_model, prepare_tokenizer
 from train.runlock import RunLock
 
 
@@ -34,10 +34,28 @@ def resolve_run_dir(cfg):
     return cfg.local_run_dir
 
 
+def threads_per_job(launcher_cfg, cpus: int = None):
+    """torch threads for one job of a sweep whose launcher runs several jobs at once; None: leave as is.
+
+    Each job would otherwise start one thread per core of the machine and the jobs would fight over
+    the cores. joblib runs n_jobs at once here; a submitit job asks for cpus_per_task (SLURM gives
+    exactly those; submitit_local does not enforce it, so the thread count does).
+    """
+    target = str(launcher_cfg.get("_target_", ""))
+    if "submitit" in target and launcher_cfg.get("cpus_per_task"):
+        return int(launcher_cfg.get("cpus_per_task"))
+    if "joblib" not in target:
+        return None
+    cpus = cpus or len(os.sched_getaffinity(0))
+    n_jobs = int(launcher_cfg.get("n_jobs") or 1)
+    parallel = n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
+    return max(1, cpus // parallel)
+
+
 def share_cpu_between_jobs():
     """Jobs of a sweep that share a machine (hydra/launcher=joblib, or submitit with cpus_per_task)
-    split its CPU cores instead of each starting one thread per core (train/sweep.py)."""
-    threads = sweep.threads_per_job(HydraConfig.get().launcher) if in_multirun() else None
+    split its CPU cores instead of each starting one thread per core."""
+    threads = threads_per_job(HydraConfig.get().launcher) if in_multirun() else None
     if threads is not None:
         torch.set_num_threads(threads)
 
@@ -46,8 +64,8 @@ def resume_point(cfg, run_dir: str, log=print):
     """None (fresh start), a checkpoint dir, or "finished"; refuses to overwrite earlier work."""
     complete, partial = checkpoint.checkpoint_dirs(run_dir)
     for path in partial:
-        log(f"ignoring incomplete checkpoint {path} (no {checkpoint.MARKER} marker)")
-    has_final = checkpoint.is_complete(os.path.join(run_dir, "FINAL"))
+        log(f"ignoring incomplete checkpoint {path} (no {atomic.MARKER} marker)")
+    has_final = atomic.is_complete(os.path.join(run_dir, "FINAL"))
     if cfg.resume is None:
         if complete or has_final:
             raise UserError(f"{run_dir} already holds {'FINAL' if has_final else 'checkpoints'}: pass resume=auto "
@@ -57,8 +75,8 @@ def resume_point(cfg, run_dir: str, log=print):
         if has_final:
             return "finished"
         return complete[-1] if complete else None
-    if not checkpoint.is_complete(cfg.resume):
-        raise UserError(f"resume={cfg.resume}: not a complete checkpoint dir (no {checkpoint.MARKER} marker)")
+    if not atomic.is_complete(cfg.resume):
+        raise UserError(f"resume={cfg.resume}: not a complete checkpoint dir (no {atomic.MARKER} marker)")
     return cfg.resume
 
 
@@ -79,28 +97,6 @@ def check_resume_config(cfg, run_dir: str):
         if old != new:
             raise UserError(f"cannot resume {run_dir}: '{key}' was {old!r} in the checkpointed run, now {new!r} "
                             "(an exact continuation needs the same setting)")
-
-
-def prepare_tokenizer(cfg):
-    """The run's tokenizer; a .gguf model.name_or_path is first pointed at its converted copy
-    (converted once under ${cache_dir}/converted), as training and labeling both need."""
-    if str(cfg.model.name_or_path or "").endswith(".gguf"):
-        cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
-    return load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code)
-
-
-def build_model(cfg, tokenizer, model_class=AutoModelForBradleyTerry):
-    m = cfg.model
-    if m.name_or_path is None:
-        model = model_class.from_config(OmegaConf.to_container(m.init_config), m.dtype,
-                                                     tokenizer.pad_token_id, m.disable_dropout, cfg.seed)
-    else:
-        model = model_class.from_pretrained(m.name_or_path, m.dtype, tokenizer.pad_token_id,
-                                                         m.attn_implementation, m.trust_remote_code,
-                                                         m.disable_dropout)
-    if m.activation_checkpointing:
-        model.hf_model.gradient_checkpointing_enable()
-    return model
 
 
 def fixed_eval_indices(n_test: int, n_eval: int, seed: int = 0) -> list:
@@ -157,10 +153,10 @@ def build(cfg, held: contextlib.ExitStack = None):
         check_resume_config(cfg, run_dir)
     if accelerator.is_main_process:
         try:
-            checkpoint.atomic_write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
+            atomic.write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))
         except OSError as err:
             raise UserError(storage_error(f"cannot write {run_dir}/config.yaml", err))
-    trainer_class = getattr(trainers, cfg.loss.trainer)  # checked by validate()
+    trainer_class = trainers.trainer_class(cfg.loss.trainer)  # checked by validate()
     set_seed(cfg.seed)
 
     with accelerator.main_process_first():  # a GGUF is converted once; the other processes read it

@@ -1,11 +1,10 @@
 """Checkpoints: everything an exact continuation needs, written atomically.
 
 A checkpoint dir is written as checkpoints/.tmp-step-N, gets a COMPLETE marker last, and is then
-renamed to checkpoints/step-N. A dir without the marker (a kill during a save) is never resumed
-from. Weights are safetensors; optimizer/scheduler/RNG use torch.save and are read back with
-weights_only=True, so loading a checkpoint never runs pickled code.
+renamed to checkpoints/step-N (train/atomic.py). A dir without the marker (a kill during a save)
+is never resumed from. Weights are safetensors; optimizer/scheduler/RNG use torch.save and are
+read back with weights_only=True, so loading a checkpoint never runs pickled code.
 """
-import contextlib
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-MARKER = "COMPLETE"
+from train.atomic import is_complete, write_text
 
 
 @dataclass
@@ -30,38 +29,6 @@ class TrainState:
     last_eval_examples: int = -1  # examples at the last eval, so a resume does not repeat it
     wandb_id: Optional[str] = None  # the same wandb run continues after a resume
     train_seconds: float = 0.0  # wall time in optimizer steps (data loading included), over resumes
-
-
-def atomic_write_text(path: str, text: str):
-    """Write under a temporary name, then rename: `path` is never half-written. On a failure
-    (a full disk) the temporary file goes too, so it does not keep the space."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
-
-
-def mark_complete_and_publish(tmp_dir: str, final_dir: str):
-    """Marker last, then one rename: a reader sees either nothing or a complete dir."""
-    atomic_write_text(os.path.join(tmp_dir, MARKER), "")
-    old = None
-    if os.path.exists(final_dir):  # moved aside first, so final_dir is never missing or half-deleted
-        old = f"{final_dir}.old-{os.getpid()}"
-        os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_dirs(run_dir: str) -> tuple:
@@ -78,6 +45,16 @@ def checkpoint_dirs(run_dir: str) -> tuple:
         else:
             partial.append(path)
     return [p for _, p in sorted(complete)], sorted(partial)
+
+
+def final_metrics(run_dir: str):
+    """The final eval metrics of a finished run (FINAL/metrics.json); None while it has no FINAL.
+    Its accuracy is what a finished job reports to a sweeper."""
+    final = os.path.join(run_dir, "FINAL")
+    if not is_complete(final):
+        return None
+    with open(os.path.join(final, "metrics.json")) as f:
+        return json.load(f)
 
 
 def rng_state() -> dict:
@@ -115,7 +92,7 @@ def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState):
     save_model(model, os.path.join(tmp_dir, "model.safetensors"))  # handles tied weights
     _torch_save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
     _torch_save(scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
-    atomic_write_text(os.path.join(tmp_dir, "state.json"), json.dumps(asdict(state), indent=1))
+    write_text(os.path.join(tmp_dir, "state.json"), json.dumps(asdict(state), indent=1))
 
 
 def load(path: str, model, optimizer, scheduler, rank: int) -> TrainState:

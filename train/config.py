@@ -4,9 +4,7 @@ Every key here has a default with its unit, and every key is read somewhere. The
 base of config/config.yaml, so Hydra rejects keys that are not in it; check_overrides() turns a
 misspelled command-line key into one line with a suggestion before Hydra prints its own error.
 """
-import difflib
 import importlib.util
-import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,8 +14,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
+from train.checks import check_ranges, check_type, suggest
 from train.data.formatting import TRUNCATION_POLICIES
+from train.data.options import SOURCE_SCHEMAS, checked_source_options
 from train.errors import UserError, storage_error
+from train.resolvers import register_resolvers
 
 
 @dataclass
@@ -42,32 +43,6 @@ class ModelConfig:
     activation_checkpointing: bool = False  # trade compute for memory; off: slower on CPU
     disable_dropout: bool = True  # dropout halves CPU speed and adds noise to the scalar reward
     trust_remote_code: bool = False  # run code shipped with a checkpoint only when set
-
-
-@dataclass
-class LossConfig:
-    trainer: str = "BradleyTerryTrainer"  # a class in train/trainers.py
-    center_rewards_coefficient: float = 0.0  # weight of mean((s_c + s_r)^2); 0.01 is typical
-
-
-@dataclass
-class SyntheticSource:
-    n_train: int = 4000  # generated training pairs
-    n_test: int = 600  # generated held-out pairs (held-out templates and values)
-    subsets: Optional[List[str]] = None  # None -> all of train.data.synthetic.SUBSETS
-    seed: int = 0  # generator seed, separate from the training seed
-
-
-@dataclass
-class FileSource:
-    path: str = MISSING  # JSON array or JSONL file
-    test_path: Optional[str] = None  # held-out file; None -> split test_fraction off path
-    test_fraction: float = 0.1  # used only without test_path
-    on_error: str = "raise"  # raise | skip (skipped rows are counted in the log)
-
-
-# The options of each dataset source under datasets.<name>; a new source adds one entry.
-SOURCE_SCHEMAS = {"synthetic": SyntheticSource, "jsonl": FileSource, "feedback": FileSource}
 
 
 @dataclass
@@ -97,7 +72,10 @@ class Config:
     write_predictions: bool = False  # write generated_predictions.jsonl for the eval set at the end
     num_workers: int = 0  # DataLoader workers; 0 is fastest for short pre-tokenised pairs
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    # The chosen config/loss/<name>.yaml: `trainer` (a class in train/trainers.py by its short name,
+    # or any trainer by its dotted path) plus that trainer's own parameters, which its Params
+    # dataclass declares and checks (train.trainers.loss_params). Open here, because every loss has others.
+    loss: Dict[str, Any] = field(default_factory=lambda: {"trainer": MISSING})
     model: ModelConfig = field(default_factory=ModelConfig)
     datasets: Dict[str, Any] = field(default_factory=dict)
 
@@ -115,28 +93,11 @@ def register():
     ConfigStore.instance().store(name="config_schema", node=Config)
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", _package_dir)
+    register_resolvers()  # ${job_subdir:...}, used by hydra.sweep.subdir
 
 
 GROUPS = {"loss", "model", "datasets"}
-NESTED = {"loss": LossConfig, "model": ModelConfig, "wandb": WandbConfig}
-
-
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _check_type(dotted: str, ftype, value):
-    """Numbers and booleans on the command line: a wrong type is one line, not Hydra's five."""
-    if value is None or isinstance(value, str) and value.startswith("${"):
-        return
-    allowed = {int: (int,), float: (int, float), bool: (bool,)}
-    base = next((t for t in allowed if ftype in (t, Optional[t])), None)
-    if base is None:
-        return
-    if isinstance(value, bool) and base is not bool or not isinstance(value, allowed[base]):
-        kind = {int: "a whole number", float: "a number", bool: "true or false"}[base]
-        raise UserError(f"config key '{dotted}' must be {kind}, got '{value}'")
+NESTED = {"model": ModelConfig, "wandb": WandbConfig}  # loss.* keys: see _check_loss_key
 
 
 def _check_key(dotted: str):
@@ -145,7 +106,7 @@ def _check_key(dotted: str):
     if parts[0] == "datasets" and len(parts) >= 2:
         source = SOURCE_SCHEMAS.get(parts[1])
         if source is None:
-            raise UserError(f"unknown dataset source '{parts[1]}'{_suggest(parts[1], SOURCE_SCHEMAS)}; "
+            raise UserError(f"unknown dataset source '{parts[1]}'{suggest(parts[1], SOURCE_SCHEMAS)}; "
                             f"known: {', '.join(SOURCE_SCHEMAS)}")
         if len(parts) == 2:
             return
@@ -153,7 +114,7 @@ def _check_key(dotted: str):
     for i, name in enumerate(parts):
         names = {f.name: f for f in fields(schema)}
         if name not in names:
-            raise UserError(f"unknown config key '{prefix}{name}'{_suggest(name, names)}")
+            raise UserError(f"unknown config key '{prefix}{name}'{suggest(name, names)}")
         prefix += name + "."
         if i == len(parts) - 1:
             return names[name].type
@@ -174,20 +135,79 @@ def check_overrides(argv: List[str]) -> list:
     except Exception as err:  # Hydra's grammar errors are already one clear line
         raise UserError(str(err).splitlines()[0])
     config_dir = Path(__file__).resolve().parent.parent / "config"
+    losses = None
     for override in overrides:
         key = override.key_or_group
         if key in GROUPS and override.is_sweep_override() is False:
             value = override.value()
             for name in value if isinstance(value, list) else [value]:
-                if not (config_dir / key / f"{name}.yaml").is_file():
-                    known = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
-                    raise UserError(f"unknown {key} '{name}'{_suggest(str(name), known)}; known: {', '.join(known)}")
+                _check_group_choice(config_dir, key, name)
+        if key == "loss" or key.startswith("loss."):
+            losses = losses if losses is not None else _chosen_losses(overrides, config_dir)
         if key.startswith("hydra") or key in GROUPS or override.is_delete():
+            continue
+        if key.startswith("loss."):
+            _check_loss_key(override, losses)
             continue
         ftype = _check_key(key)
         if ftype is not None and not override.is_sweep_override():
-            _check_type(key, ftype, override.value())
+            check_type(key, ftype, override.value())
     return _check_run_dir_overrides(overrides, config_dir)
+
+
+def _check_group_choice(config_dir: Path, group: str, name):
+    if not (config_dir / group / f"{name}.yaml").is_file():
+        known = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        raise UserError(f"unknown {group} '{name}'{suggest(str(name), known)}; known: {', '.join(known)}")
+
+
+def _chosen_losses(overrides, config_dir: Path) -> list:
+    """(name, keys of its config/loss YAML, trainer class) of every loss the command line runs:
+    the `loss=` choice (several in a sweep) or config.yaml's default, with `loss.trainer=` applied."""
+    from train.trainers import trainer_class  # here: the trainers import the data code, which is heavy
+
+    defaults = OmegaConf.load(config_dir / "config.yaml").defaults
+    names = [next(d.loss for d in defaults if OmegaConf.is_dict(d) and "loss" in d)]
+    trainers = None
+    for override in overrides:
+        if override.key_or_group not in ("loss", "loss.trainer") or override.is_delete():
+            continue
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        except Exception:  # a sweep Hydra expands itself (glob): Hydra and validate() check each job
+            return []
+        if override.key_or_group == "loss":
+            names = values
+        else:
+            trainers = values
+    chosen = []
+    for name in names:
+        _check_group_choice(config_dir, "loss", name)
+        options = OmegaConf.to_container(OmegaConf.load(config_dir / "loss" / f"{name}.yaml"))
+        for trainer in trainers or [options.get("trainer")]:
+            if trainer is None:
+                raise UserError(f"config/loss/{name}.yaml names no trainer: add a line 'trainer: <class>'")
+            chosen.append((name, options, trainer_class(str(trainer))))
+    return chosen
+
+
+def _check_loss_key(override, losses: list):
+    """A loss.* key must be a parameter of every loss the command line runs (its trainer's
+    Params), of the right type, and already set in the loss's YAML unless added with ++."""
+    from train.trainers import unknown_loss_key
+
+    key = override.key_or_group[len("loss."):]
+    if key == "trainer":
+        return
+    for name, options, trainer in losses:
+        params = {f.name: f for f in fields(trainer.Params)}
+        if key not in params:
+            raise unknown_loss_key(key, trainer, f" (loss={name})")
+        if key not in options and not (override.is_add() or override.is_force_add()):
+            raise UserError(f"config key 'loss.{key}' is not set in config/loss/{name}.yaml: add it there "
+                            f"or pass ++loss.{key}=...")
+        if not override.is_sweep_override():
+            check_type(f"loss.{key}", params[key].type, override.value())
 
 
 def _check_run_dir_overrides(overrides, config_dir: Path) -> list:
@@ -254,7 +274,7 @@ def validate(cfg: DictConfig):
     if not cfg.datasets:
         raise UserError("no dataset selected: pass datasets=[synthetic] or datasets=[jsonl] ...")
     for name, options in cfg.datasets.items():
-        check_ranges(source_options(name, options), SOURCE_RANGES.get(name, {}), f"datasets.{name}.")
+        checked_source_options(name, options)
 
 
 # The allowed range of every numeric key, checked before any model loads: (low, high), where a
@@ -265,36 +285,8 @@ RANGES = {
     "n_epochs": (1, None), "n_examples": (1, None), "batch_size": (1, None), "microbatch_size": (1, None),
     "eval_batch_size": (1, None), "n_eval_examples": (1, None), "eval_every": (1, None), "save_every": (1, None),
     "keep_last_n_checkpoints": (1, None), "num_workers": (0, None),
-    "loss.center_rewards_coefficient": (0, None),
     "model.max_length": (2, None), "model.max_prompt_length": (0, None),
 }
-SOURCE_RANGES = {
-    "synthetic": {"n_train": (0, None), "n_test": (0, None), "seed": (0, 2**32 - 1)},
-    "jsonl": {"test_fraction": ([0], [1])},
-    "feedback": {"test_fraction": ([0], [1])},
-}
-
-
-def check_ranges(cfg, ranges: dict, prefix: str = ""):
-    """One line for the first value outside its range; None (an unset optional key) passes."""
-    for key, (low, high) in ranges.items():
-        value = OmegaConf.select(cfg, key)
-        if value is None:
-            continue
-        if not math.isfinite(value):
-            raise UserError(f"{prefix}{key} must be a finite number, got {value}")
-        below = value <= low[0] if isinstance(low, list) else low is not None and value < low
-        above = value >= high[0] if isinstance(high, list) else high is not None and value > high
-        if below or above:
-            lo = "" if low is None else f"{'more than' if isinstance(low, list) else 'at least'} {_bound(low)}"
-            hi = "" if high is None else f"{'less than' if isinstance(high, list) else 'at most'} {_bound(high)}"
-            raise UserError(f"{prefix}{key} must be {' and '.join(p for p in (lo, hi) if p)}, got {value}")
-
-
-def _bound(bound) -> str:
-    return str(bound[0] if isinstance(bound, list) else bound)
-
-
 # Directories the harness keeps in cache_dir beside the run dirs; a run must not land in them.
 SHARED_CACHE_DIRS = ("tokenized", "converted")
 
@@ -329,22 +321,4 @@ def _check_names(cfg):
         raise UserError(f"model.dtype '{cfg.model.dtype}' is not one of {', '.join(DTYPES)}")
     if not isinstance(getattr(torch.optim, cfg.optimizer, None), type):
         raise UserError(f"optimizer '{cfg.optimizer}' is not a class in torch.optim")
-    trainer = getattr(trainers, cfg.loss.trainer, None)
-    if not (isinstance(trainer, type) and issubclass(trainer, trainers.BasicTrainer)):
-        raise UserError(f"loss.trainer '{cfg.loss.trainer}' is not a trainer class in train/trainers.py")
-
-
-def source_options(name: str, options) -> DictConfig:
-    """A dataset source's options checked against its schema (unknown keys are errors)."""
-    if name not in SOURCE_SCHEMAS:
-        raise UserError(f"unknown dataset source '{name}'{_suggest(name, SOURCE_SCHEMAS)}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SOURCE_SCHEMAS[name]), options)
-        OmegaConf.to_container(merged, throw_on_missing=True)
-    except MissingMandatoryValue as err:
-        raise UserError(f"config key 'datasets.{name}.{err.full_key}' is required but not set "
-                        f"(pass ++datasets.{name}.{err.full_key}=...)")
-    except (ConfigKeyError, ValidationError) as err:
-        key = getattr(err, "full_key", "") or ""
-        raise UserError(f"bad option for dataset '{name}': {key} {str(err).splitlines()[0]}".strip())
-    return merged
+    trainers.loss_params(trainers.trainer_class(str(cfg.loss.trainer)), cfg.loss)  # the loss's own keys and values

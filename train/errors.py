@@ -1,8 +1,24 @@
 """User mistakes are reported as one line; anything else is a bug and keeps its traceback."""
+import os
+import sys
 
 
 class UserError(Exception):
     """A mistake in config or input that the user can fix; printed as one line, exit code 2."""
+
+
+def is_main_process() -> bool:
+    """Whether this process speaks for the run: rank 0 under `accelerate launch` (which sets RANK),
+    or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def exit_with_error(message):
+    """How every entry point stops on a UserError: `error: <message>` on stderr, exit code 2. Every
+    process of a distributed run exits; only the main one prints, so the line appears once."""
+    if is_main_process():
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def storage_error(what: str, err: Exception) -> str:

@@ -18,14 +18,13 @@ INF_WEIGHTS_AT = "REWARD_HARNESS_INF_WEIGHTS_AT"
 PHASE_FILE = "REWARD_HARNESS_PHASE_FILE"
 
 
-def kill_point(point: str, count: int):
+def reached(point: str, count: int, model=None):
+    """The trainer calls this at each point (mid_step, after_step, eval, save) with how many times it
+    got there; it does what the environment asks at that point, and nothing otherwise."""
+    if model is not None and os.environ.get(INF_WEIGHTS_AT) == str(count):
+        next(model.parameters()).data.fill_(float("inf"))
     if os.environ.get(KILL_AT) == f"{point}:{count}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def inf_weights(step: int, model):
-    if os.environ.get(INF_WEIGHTS_AT) == str(step):
-        next(model.parameters()).data.fill_(float("inf"))
 
 
 def set_phase(name: str):

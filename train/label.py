@@ -27,7 +27,8 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
-from train.errors import UserError
+from train import atomic
+from train.errors import UserError, exit_with_error
 from train.labeling import feedback
 from train.labeling.partial import PartialFile, header, partial_path
 from train.labeling.samples import read_samples
@@ -69,7 +70,7 @@ def check_args(args):
     if same_file(args.output_path, args.samples_path):
         raise UserError(f"output_path is the samples file {args.samples_path}: refusing to overwrite the input")
     for what, path in (("progress file", partial_path(args.output_path)),
-                       ("temporary file", feedback.temporary_path(args.output_path))):
+                       ("temporary file", atomic.temp_path(args.output_path))):
         if same_file(path, args.samples_path):
             raise UserError(f"the {what} {path} is the samples file {args.samples_path}: choose another output_path")
     out = os.path.realpath(args.output_path)
@@ -149,7 +150,7 @@ def _threshold(threshold, value: float) -> str:
 
 def write_feedback(args, partial) -> str:
     """The output file, written under a temporary name and renamed into place. Returns a summary."""
-    with feedback.FeedbackWriter(args.output_path) as out:
+    with feedback.feedback_file(args.output_path) as out:
         if args.feedback_type == "scalar":
             for _, sample, reward in scored_samples(args, partial):
                 out.write(feedback.scalar_row(sample, reward))
@@ -231,8 +232,7 @@ def main(argv=None):
     try:
         label(parse_args(argv))
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""AutoModelForBradleyTerry: a two-logit sequence classifier whose reward is logits[:, 1].
+"""Model and tokenizer loading for training and labeling: AutoModelForBradleyTerry, a two-logit
+sequence classifier whose reward is logits[:, 1]; build_model() and prepare_tokenizer() from a run's config.
 
 Any checkpoint that AutoModelForSequenceClassification can load works. Decoder heads (Llama,
 Qwen, Mistral, Gemma, Pythia...) pool at the last non-pad token found by comparing input ids
@@ -9,10 +10,12 @@ right for any padding. Encoder heads (BERT) pool the first token and need no suc
 import os
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from train import atomic
 from train.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,13 +43,11 @@ def convert_gguf(gguf_path: str, cache_root: str) -> str:
     """
     from transformers import AutoModelForCausalLM
 
-    from train.checkpoint import is_complete, mark_complete_and_publish
-
     if not os.path.isfile(gguf_path):
         raise UserError(f"GGUF file '{gguf_path}' does not exist")
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     out = os.path.join(cache_root, stem)
-    if is_complete(out):
+    if atomic.is_complete(out):
         return out
     import safetensors.torch
     folder, name = os.path.split(gguf_path)
@@ -55,20 +56,15 @@ def convert_gguf(gguf_path: str, cache_root: str) -> str:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except ImportError as err:
         raise UserError(f"loading {name} needs the gguf package: pip install gguf ({err})")
-    tmp = f"{out}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
     # The weights are dequantised fp32 now: a leftover gguf quantization_config would make
     # transformers treat the converted model as quantized and refuse to save it.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.save_pretrained(tmp)
-    safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    tokenizer.save_pretrained(tmp)
-    if is_complete(out):  # another job converted it meanwhile: keep theirs, which may be in use
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-        return out
-    mark_complete_and_publish(tmp, out)
+    # keep_existing: if another job converted it meanwhile, keep theirs, which may be in use.
+    with atomic.write_dir(out, keep_existing=True) as tmp:
+        model.config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
     return out
 
 
@@ -156,3 +152,27 @@ class AutoModelForBradleyTerry(nn.Module):
 
     def save_pretrained(self, path: str, **kwargs):
         self.hf_model.save_pretrained(path, safe_serialization=True, **kwargs)
+
+
+def prepare_tokenizer(cfg):
+    """The run's tokenizer; a .gguf model.name_or_path is first pointed at its converted copy
+    (converted once under ${cache_dir}/converted), as training and labeling both need."""
+    if str(cfg.model.name_or_path or "").endswith(".gguf"):
+        cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
+    return load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code)
+
+
+def build_model(cfg, tokenizer, model_class=AutoModelForBradleyTerry):
+    """The run's model (cfg.model): pretrained from model.name_or_path, or freshly initialised from
+    model.init_config (tests, tiny runs)."""
+    m = cfg.model
+    if m.name_or_path is None:
+        model = model_class.from_config(OmegaConf.to_container(m.init_config), m.dtype,
+                                        tokenizer.pad_token_id, m.disable_dropout, cfg.seed)
+    else:
+        model = model_class.from_pretrained(m.name_or_path, m.dtype, tokenizer.pad_token_id,
+                                            m.attn_implementation, m.trust_remote_code, m.disable_dropout)
+    if m.activation_checkpointing:
+        model.hf_model.gradient_checkpointing_enable()
+    return model
+

@@ -13,7 +13,7 @@ import time
 
 from filelock import FileLock, Timeout
 
-from train.checkpoint import atomic_write_text
+from train import atomic
 from train.errors import UserError
 
 LOCK_FILE = ".lock"
@@ -45,7 +45,7 @@ class RunLock:
                    if held else "a process that has not yet said who it is")
             raise UserError(f"{self.run_dir} is in use by another run ({who}): wait for it to end, "
                             "or choose another exp_name")
-        atomic_write_text(os.path.join(self.run_dir, OWNER_FILE), json.dumps(
+        atomic.write_text(os.path.join(self.run_dir, OWNER_FILE), json.dumps(
             {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
         return self
 

@@ -19,66 +19,33 @@ stays. `python scripts/summarize_sweep.py SWEEP_DIR` writes the same summary on 
 """
 import csv
 import fcntl
-import hashlib
 import io
 import json
 import math
 import os
-import sys
 import time
 
 import yaml
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import OmegaConf
 
-from train.checkpoint import atomic_write_text, is_complete
-from train.errors import UserError
+from train import atomic
+from train.checkpoint import final_metrics
+from train.errors import UserError, exit_with_error, is_main_process
+from train.resolvers import register_resolvers
 
 STATUS_FILE = "job_status.json"
 METRICS = ("accuracy", "loss", "margin")  # overall final eval metrics, in table order
-MAX_SUBDIR = 200  # bytes; file names are limited to 255 on common filesystems
 
 
-# ---- job dir names -------------------------------------------------------------------------------
-def job_subdir(override_dirname: str) -> str:
-    """A job's subdir from Hydra's override_dirname: one path component, unique per override set.
-
-    Hydra leaves '/' in values (model.name_or_path=org/model, datasets.jsonl.path=/data/x.jsonl), which
-    would nest job dirs inside each other; it is escaped. A name too long for the filesystem keeps a
-    readable prefix and gains a hash of the whole, so distinct override sets stay distinct.
-    """
-    name = override_dirname.replace("%", "%25").replace("/", "%2F") or "defaults"
-    if len(name.encode()) > MAX_SUBDIR:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-        name = name.encode()[:MAX_SUBDIR - 13].decode(errors="ignore") + "-" + digest
-    return name
+# ${job_subdir:...} names each job's dir (hydra.sweep.subdir in config/config.yaml). launch.py
+# registers it; so does this module, because a process that runs jobs without importing launch.py (a
+# submitit worker) imports it when it unpickles this callback, before Hydra names the job's dir.
+register_resolvers()
 
 
-if not OmegaConf.has_resolver("job_subdir"):  # used by hydra.sweep.subdir in config/config.yaml
-    OmegaConf.register_new_resolver("job_subdir", job_subdir)
-
-
-# ---- CPU threads for parallel local jobs ---------------------------------------------------------
-def threads_per_job(launcher_cfg, cpus: int = None):
-    """torch threads for one job of a sweep whose launcher runs several jobs at once; None: leave as is.
-
-    Each job would otherwise start one thread per core of the machine and the jobs would fight over
-    the cores. joblib runs n_jobs at once here; a submitit job asks for cpus_per_task (SLURM gives
-    exactly those; submitit_local does not enforce it, so the thread count does).
-    """
-    target = str(launcher_cfg.get("_target_", ""))
-    if "submitit" in target and launcher_cfg.get("cpus_per_task"):
-        return int(launcher_cfg.get("cpus_per_task"))
-    if "joblib" not in target:
-        return None
-    cpus = cpus or len(os.sched_getaffinity(0))
-    n_jobs = int(launcher_cfg.get("n_jobs") or 1)
-    parallel = n_jobs if n_jobs > 0 else max(1, cpus + 1 + n_jobs)  # joblib: -1 = all cores, -2 = all but one
-    return max(1, cpus // parallel)
-
-
+# ---- checks before the sweep starts --------------------------------------------------------------
 def check_sweeper(sweeper_cfg):
     """launch.py returns the final eval accuracy: an optuna study that minimised it would pick the
     worst setting without a word, so it is refused in one line."""
@@ -100,7 +67,7 @@ def read_status(job_dir: str) -> dict:
 
 
 def _write_status(job_dir: str, status: dict):
-    atomic_write_text(os.path.join(job_dir, STATUS_FILE), json.dumps(status, indent=1))
+    atomic.write_text(os.path.join(job_dir, STATUS_FILE), json.dumps(status, indent=1))
 
 
 def error_line(err: BaseException) -> str:
@@ -112,7 +79,7 @@ def error_line(err: BaseException) -> str:
 def job_started(job_dir: str):
     status = read_status(job_dir)
     status.update(state="running", error=None, started=time.time(),
-                  final_at_start=is_complete(os.path.join(job_dir, "FINAL")))
+                  final_at_start=atomic.is_complete(os.path.join(job_dir, "FINAL")))
     _write_status(job_dir, status)
 
 
@@ -131,27 +98,23 @@ def job_ended(job_dir: str, failed: bool, error: str = None):
     _write_status(job_dir, status)
 
 
-def _is_rank_zero() -> bool:
-    # Under `accelerate launch launch.py -m ...` every process runs the sweep; one writes the records.
-    return os.environ.get("RANK", "0") == "0"
-
-
 class SummaryCallback(Callback):
-    """Writes <job>/job_status.json around each job and keeps <sweep_dir>/summary.* up to date."""
+    """Writes <job>/job_status.json around each job and keeps <sweep_dir>/summary.* up to date.
+
+    Under `accelerate launch launch.py -m ...` every process runs the sweep; the main one writes."""
 
     def on_multirun_start(self, config, **kwargs):
         try:  # before any job starts, in the process that runs the sweeper
             check_sweeper(config.hydra.sweeper)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            exit_with_error(err)
 
     def on_job_start(self, config, **kwargs):
-        if config.hydra.mode == RunMode.MULTIRUN and _is_rank_zero():
+        if config.hydra.mode == RunMode.MULTIRUN and is_main_process():
             job_started(config.hydra.runtime.output_dir)
 
     def on_job_end(self, config, job_return, **kwargs):
-        if config.hydra.mode != RunMode.MULTIRUN or not _is_rank_zero():
+        if config.hydra.mode != RunMode.MULTIRUN or not is_main_process():
             return
         failed = job_return.status == JobStatus.FAILED
         # _return_value holds the exception of a failed job; the public property would re-raise it.
@@ -160,7 +123,7 @@ class SummaryCallback(Callback):
         write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs):
-        if _is_rank_zero():
+        if is_main_process():
             write_summary(config.hydra.sweep.dir, sweep_over=True)
 
 
@@ -200,13 +163,11 @@ def read_job(sweep_dir: str, job_dir: str, sweep_over: bool = False) -> dict:
     """One row: overrides, status, final eval metrics (from FINAL/metrics.json), wall time, and a note
     (the error of a failed job, or what the last attempt of a finished one did)."""
     status = read_status(job_dir)
-    final_path = os.path.join(job_dir, "FINAL")
-    row = {"job": os.path.relpath(job_dir, sweep_dir), "params": job_overrides(job_dir), "metrics": {},
+    metrics = final_metrics(job_dir)
+    row = {"job": os.path.relpath(job_dir, sweep_dir), "params": job_overrides(job_dir), "metrics": metrics or {},
            "wall_time_s": status.get("wall_time_s"), "note": status.get("error") or ""}
     state = status.get("state")
-    if is_complete(final_path):
-        with open(os.path.join(final_path, "metrics.json")) as f:
-            row["metrics"] = json.load(f)
+    if metrics is not None:
         row["status"] = "done"
         if state == "failed":  # e.g. a rerun without resume=auto refused to overwrite FINAL
             row["note"] = f"last attempt failed: {row['note']}"
@@ -370,10 +331,9 @@ def plot(summary: dict, path: str) -> bool:
         ax.set_ylabel("final eval accuracy")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic.write_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -396,13 +356,8 @@ def write_summary(sweep_dir: str, sweep_over: bool = False) -> dict:
         has_plot = plot(summary, png)
         if not has_plot and os.path.exists(png):
             os.remove(png)  # a stale plot would contradict the table
-        atomic_write_text(os.path.join(sweep_dir, "summary.csv"), to_csv(summary))
-        atomic_write_text(os.path.join(sweep_dir, "summary.md"),
+        atomic.write_text(os.path.join(sweep_dir, "summary.csv"), to_csv(summary))
+        atomic.write_text(os.path.join(sweep_dir, "summary.md"),
                           to_markdown(summary, "summary.png" if has_plot else None))
     return summary
 
-
-def final_accuracy(run_dir: str):
-    """The final eval accuracy in run_dir/FINAL/metrics.json: what a finished job reports to a sweeper."""
-    with open(os.path.join(run_dir, "FINAL", "metrics.json")) as f:
-        return json.load(f)["accuracy"]

@@ -5,7 +5,7 @@ Only the main process makes a Tracker that writes; the others get one whose meth
 import json
 import os
 
-from train.checkpoint import atomic_write_text
+from train import atomic
 
 
 class Tracker:
@@ -40,7 +40,7 @@ class Tracker:
         if not self.enabled or not os.path.exists(self.path):
             return
         kept = [line for line in read_metrics(self.path) if line["examples"] <= examples]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def finish(self, exit_code: int = 0):
         if self.wandb_run is not None:

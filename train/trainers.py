@@ -1,29 +1,45 @@
-"""BasicTrainer (the loop) -> PairedPreferenceTrainer (pairs) -> BradleyTerryTrainer (the loss).
+"""BasicTrainer (the loop) -> PairedPreferenceTrainer (pairs) -> the losses.
 
-A new loss is one subclass of PairedPreferenceTrainer that sets `loss()`, plus one YAML file in
-config/loss/ that names it.
+A loss is one subclass of PairedPreferenceTrainer, anywhere importable, that defines `loss()` and
+declares its parameters in a `Params` dataclass, plus one YAML file in config/loss/ that names it
+(`trainer:` a short name for the classes here, else a dotted path) and sets its parameters.
+README.md, "Add a loss", walks through one.
 """
+import abc
 import contextlib
+import difflib
+import inspect
 import json
+import logging
 import math
 import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any
 
+import hydra.utils
 import torch
 from accelerate.utils import gather_object
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from train import checkpoint, faults
+from train import atomic, checkpoint, faults
+from train.checks import check_type, suggest
 from train.data.loader import Collator, epoch_order, select
 from train.errors import UserError, storage_error
-from train.losses import bradley_terry_loss, pair_metrics
+from train.losses import bradley_terry_loss, hinge_loss, pair_metrics, smoothed_bradley_terry_loss
 from train.models import AutoModelForBradleyTerry
 from train.tracking import Tracker
+
+# The per-pair entries of a batch (train/data/loader.py, Collator) a loss may ask for in
+# `pair_fields`: margin is a float tensor (0 where a pair has none), subset and index are lists.
+PAIR_FIELDS = ("margin", "subset", "index")
 
 
 class NonFiniteError(UserError):
@@ -47,11 +63,91 @@ def _param_groups(model, weight_decay: float) -> list:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class BasicTrainer:
+def unknown_loss_key(key: str, trainer: type, where: str = "") -> UserError:
+    params = [f.name for f in fields(trainer.Params)]
+    return UserError(f"unknown config key 'loss.{key}'{suggest(key, params)}; {trainer.__name__}{where} takes "
+                     f"{', '.join(params) or 'no parameters'}")
+
+
+def loss_params(trainer: type, loss) -> Any:
+    """The loss's parameters as the trainer's typed Params: cfg.loss minus `trainer`, merged into
+    the Params dataclass, whose __post_init__ checks the values. One line for an unknown key, a
+    wrong type, a missing value or a value out of range."""
+    options = OmegaConf.to_container(loss, resolve=True) if OmegaConf.is_config(loss) else dict(loss or {})
+    options.pop("trainer", None)
+    params = {f.name: f for f in fields(trainer.Params)}
+    for key, value in options.items():
+        if key not in params:
+            raise unknown_loss_key(key, trainer)
+        check_type(f"loss.{key}", params[key].type, value)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(trainer.Params), options))
+    except MissingMandatoryValue as err:
+        raise UserError(f"config key 'loss.{err.full_key}' is required but not set")
+    except ValidationError as err:
+        raise UserError(f"config key 'loss.{err.full_key}': {str(err).splitlines()[0]}")
+    except ValueError as err:  # a range check in Params.__post_init__
+        raise UserError(f"loss.{str(err).splitlines()[0]}")
+
+
+def trainer_class(name: str) -> type:
+    """The trainer that `loss.trainer` names: a class of this module by its short name
+    (BradleyTerryTrainer), or any importable class by its dotted path (my_pkg.losses.HingeTrainer),
+    loaded with Hydra's get_class. One line (UserError) if it cannot be loaded, is not a
+    BasicTrainer, or is abstract; checked by config.validate() before any model loads."""
+    path = name if "." in name else f"{__name__}.{name}"
+    hydra_log = logging.getLogger("hydra.utils")
+    was_disabled, hydra_log.disabled = hydra_log.disabled, True  # get_class logs a failure in several lines
+    try:
+        cls = hydra.utils.get_class(path)
+    except (ImportError, ValueError) as err:
+        cause = err.__cause__
+        if cause is not None and not isinstance(cause, (ImportError, AttributeError)):
+            raise cause  # the module was found but fails to import: a bug there, keep its traceback
+        if "." not in name:
+            raise UserError(f"loss.trainer '{name}': no class {path}{_suggest_trainer(name)}; name a trainer "
+                            "elsewhere by its dotted path, e.g. my_pkg.losses.MyTrainer")
+        why = str(cause or err).splitlines()[0]
+        raise UserError(f"loss.trainer '{name}': cannot load it with hydra.utils.get_class ({why})")
+    finally:
+        hydra_log.disabled = was_disabled
+    if not issubclass(cls, BasicTrainer):
+        raise UserError(f"loss.trainer '{name}' is not a trainer: {path} is not a subclass of {__name__}.BasicTrainer")
+    if inspect.isabstract(cls):
+        missing = ", ".join(f"{m}()" for m in sorted(cls.__abstractmethods__))
+        raise UserError(f"loss.trainer '{name}' is abstract: it defines no {missing}")
+    if not is_dataclass(cls.Params):
+        raise UserError(f"loss.trainer '{name}': its Params must be a dataclass")
+    unknown = [f for f in cls.pair_fields if f not in PAIR_FIELDS]
+    if unknown:
+        raise UserError(f"loss.trainer '{name}' asks for pair field '{unknown[0]}', which batches do not have "
+                        f"(they have {', '.join(PAIR_FIELDS)})")
+    return cls
+
+
+def _suggest_trainer(name: str) -> str:
+    known = [n for n, c in globals().items() if isinstance(c, type) and issubclass(c, BasicTrainer)
+             and not inspect.isabstract(c)]
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _join(values: list):
+    """Per-pair values back into one batch entry: a tensor if they were tensor elements, else a list."""
+    return torch.stack(values) if values and torch.is_tensor(values[0]) else list(values)
+
+
+class BasicTrainer(abc.ABC):
     """The accelerate loop: microbatches, accumulation, clipping, steps, eval, checkpoints, logs."""
 
-    policy_hf_model_class = None
-    use_reference_model = False
+    @dataclass
+    class Params:
+        """A loss's parameters, set in its config/loss/<name>.yaml and given to the trainer as
+        `self.params`. A subclass declares its own: fields with defaults (and their unit in a
+        comment), and a __post_init__ that raises ValueError for a value out of range."""
+
+    pair_fields = ("margin",)  # the batch entries (PAIR_FIELDS) loss() receives by name, in training and eval
+    policy_hf_model_class = None  # the model class build.py loads for this trainer
     stopped_by_signal = False  # class-wide: once a sweep is signalled, its later jobs do not start
 
     def __init__(self, cfg, accelerator, model, tokenizer, train_ds, eval_ds, run_dir: str,
@@ -60,6 +156,7 @@ class BasicTrainer:
         self.train_ds, self.eval_ds, self.run_dir = train_ds, eval_ds, run_dir
         self.world, self.rank = accelerator.num_processes, accelerator.process_index
         self.data_counts = data_counts or {}
+        self.params = loss_params(type(self), cfg.loss)
         self.per_process, self.accumulation = batch_plan(cfg, self.world)
         self.steps_per_epoch = len(train_ds) // cfg.batch_size  # an incomplete last batch is dropped
         if self.steps_per_epoch == 0:
@@ -84,14 +181,22 @@ class BasicTrainer:
         # Records written after the checkpoint (or by a run killed before its first one) go.
         self.tracker.truncate_after(self.state.examples if resume_from else -1)
         self.stop_requested = False
-        self.n_evals = self.n_saves = 0  # in this process's life, for faults.kill_point
+        self.n_evals = self.n_saves = 0  # in this process's life, for faults.reached
 
     # ---- what subclasses define -------------------------------------------------------------
-    def forward(self, batch: dict):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, batch: dict, model=None) -> tuple:
+        """(chosen scores, rejected scores) of a collated batch, each of shape (pairs,)."""
 
-    def loss(self, chosen, rejected, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def loss(self, chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor, **pair_fields) -> torch.Tensor:
+        """The mean loss over the pairs. margin is a float tensor (0 where a pair has none); a loss
+        that needs other per-pair entries names them in `pair_fields` and receives them by name."""
+
+    def pair_inputs(self, batch: dict, device=None) -> dict:
+        """The entries of a batch that loss() asks for (pair_fields), tensors moved to `device`."""
+        values = {name: batch[name] for name in self.pair_fields}
+        return {k: v.to(device) if device is not None and torch.is_tensor(v) else v for k, v in values.items()}
 
     # ---- data position -------------------------------------------------------------------------
     def microbatches(self, step: int) -> list:
@@ -129,12 +234,12 @@ class BasicTrainer:
         self.model.train()
         batches = iter(self.train_loader())
         while state.step < self.total_steps:
-            record = self.train_step(batches)
+            record, stop = self.train_step(batches)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.2f}")
             if self._crossed(cfg.eval_every) and state.step < self.total_steps:
                 self.evaluate()  # the final eval below covers the last step
-            if record.pop("_stop"):
+            if stop:
                 self.save_checkpoint()
                 self._say(f"stopped by a signal after step {state.step}; continue with the same command "
                           f"plus resume=auto (run dir {self.run_dir})")
@@ -153,40 +258,67 @@ class BasicTrainer:
         return DataLoader(self.train_ds, batch_sampler=plan, collate_fn=self.collate,
                           num_workers=self.cfg.num_workers, generator=torch.Generator())
 
-    def train_step(self, batches) -> dict:
-        """One optimizer step over the next `accumulation` microbatches of this process."""
-        cfg, acc, state = self.cfg, self.accelerator, self.state
+    def train_step(self, batches) -> tuple:
+        """One optimizer step over this process's next `accumulation` microbatches: accumulate,
+        reduce, optimizer_step. Returns the step's train record and whether any process was asked
+        to stop (a signal)."""
         start = time.perf_counter()
-        micro = [next(batches) for _ in range(self.accumulation)]
         lr = self.scheduler.get_last_lr()[0]
-        sums = {"n": 0, "correct": 0, "margin": 0.0, "chosen": 0.0, "rejected": 0.0, "loss": 0.0, "tokens": 0}
+        local = self.accumulate([next(batches) for _ in range(self.accumulation)])
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        total = self.reduce({**local, "nonfinite": float(not math.isfinite(local["loss"])),
+                             "stop": float(self.stop_requested)})
+        self.optimizer_step(finite=total["nonfinite"] == 0 and math.isfinite(grad_norm))
+        state = self.state
+        seconds = time.perf_counter() - start
+        state.train_seconds += seconds
+        n = total["n"]
+        record = {"split": "train", "step": state.step, "examples": state.examples,
+                  "loss": total["loss"] / n, "accuracy": total["correct"] / n, "margin": total["margin"] / n,
+                  "chosen": total["chosen"] / n, "rejected": total["rejected"] / n, "grad_norm": grad_norm,
+                  "lr": lr, "pairs_per_s": n / seconds, "tokens_per_s": total["tokens"] / seconds,
+                  "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
+                  "world_size": self.world}
+        self.tracker.log(record)
+        faults.reached("after_step", state.step, self.model)
+        return record, total["stop"] > 0
+
+    def accumulate(self, micro: list) -> dict:
+        """Forward and backward over the microbatches of one step, adding up their gradients.
+        Each loss is divided by their number: the microbatches have the same size, so the sum is
+        the mean over the step's pairs. Returns this process's sums for the logs."""
+        acc = self.accelerator
+        sums = dict.fromkeys(("n", "correct", "margin", "chosen", "rejected", "loss", "tokens"), 0)
         for i, batch in enumerate(micro):
-            # Gradients are all-reduced only on the last microbatch of a step.
-            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
-            with sync:
+            # Gradients are all-reduced between processes only on the last microbatch of a step.
+            with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model):
                 chosen, rejected = self.forward(batch)
-                loss = self.loss(chosen, rejected, batch)
-                acc.backward(loss / len(micro))  # every microbatch has the same size: mean of means
-            faults.kill_point("mid_step", state.step + 1)
+                loss = self.loss(chosen, rejected, **self.pair_inputs(batch, chosen.device))
+                acc.backward(loss / len(micro))
+            faults.reached("mid_step", self.state.step + 1)
             for key, value in pair_metrics(chosen, rejected).items():
                 sums[key] += value
             sums["loss"] += loss.item() * len(batch["index"])
             sums["tokens"] += int(batch["attention_mask"].sum())
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-        # One all-reduce per step for logs, the non-finite check and a stop request, so every
-        # process takes the same decision at the same step.
-        local = torch.tensor([sums["n"], sums["correct"], sums["margin"], sums["chosen"], sums["rejected"],
-                              sums["loss"], sums["tokens"], float(not math.isfinite(sums["loss"])),
-                              float(self.stop_requested)], dtype=torch.float64, device=acc.device)
-        total = acc.reduce(local, reduction="sum").tolist()
-        n = total[0]
-        finite = total[7] == 0 and math.isfinite(float(grad_norm))
+        return sums
+
+    def reduce(self, values: dict) -> dict:
+        """Named numbers summed over all processes in ONE all-reduce, read back by name. The logs,
+        the non-finite check and a stop request all go through it, so every process takes the
+        same decision at the same step."""
+        local = torch.tensor(list(values.values()), dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(values, self.accelerator.reduce(local, reduction="sum").tolist()))
+
+    def optimizer_step(self, finite: bool):
+        """Applies the accumulated gradients, or skips a non-finite step (on_nonfinite=skip) or
+        stops at it (stop); then advances the schedule and the data position."""
+        acc, state = self.accelerator, self.state
         if acc.scaler is not None:  # fp16 loss scaling: overflow steps are normal, the scaler skips them
             self.optimizer.step()
             state.skipped_steps += int(acc.optimizer_step_was_skipped)
         elif finite:
             self.optimizer.step()
-        elif cfg.on_nonfinite == "skip":
+        elif self.cfg.on_nonfinite == "skip":
             state.skipped_steps += 1
         else:
             last = checkpoint.checkpoint_dirs(self.run_dir)[0]
@@ -195,19 +327,7 @@ class BasicTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.examples += cfg.batch_size
-        seconds = time.perf_counter() - start
-        state.train_seconds += seconds
-        record = {"split": "train", "step": state.step, "examples": state.examples,
-                  "loss": total[5] / n, "accuracy": total[1] / n, "margin": total[2] / n,
-                  "chosen": total[3] / n, "rejected": total[4] / n, "grad_norm": float(grad_norm),
-                  "lr": lr, "pairs_per_s": n / seconds, "tokens_per_s": total[6] / seconds,
-                  "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
-                  "world_size": self.world}
-        self.tracker.log(record)
-        faults.inf_weights(state.step, self.model)
-        faults.kill_point("after_step", state.step)
-        return {**record, "_stop": total[8] > 0}
+        state.examples += self.cfg.batch_size
 
     def _crossed(self, every: int) -> bool:
         examples = self.state.examples
@@ -234,17 +354,20 @@ class BasicTrainer:
         mine = list(range(self.rank, len(self.eval_ds), self.world))
         rows = select(self.eval_ds, mine)
         rows.sort(key=lambda r: -len(r["chosen_ids"]) - len(r["rejected_ids"]))  # minimal padding
-        results = []
+        pairs = []  # one dict per pair: its index, subset, scores and what loss() asks for
         size = self.cfg.eval_batch_size
         for i in range(0, len(rows), size):
             batch = self.collate(rows[i:i + size])
-            chosen, rejected = self._scores(model, batch)
-            results += [(idx, sub, float(m), c, r) for idx, sub, m, c, r in zip(
-                batch["index"], batch["subset"], batch["margin"], chosen.float().tolist(), rejected.float().tolist())]
-            faults.kill_point("eval", self.n_evals + 1)
+            chosen, rejected = self.forward(batch, model=model)
+            inputs = self.pair_inputs(batch)
+            pairs += [{"index": index, "subset": subset, "chosen": c, "rejected": r,
+                       **{name: value[j] for name, value in inputs.items()}}
+                      for j, (index, subset, c, r) in enumerate(zip(
+                          batch["index"], batch["subset"], chosen.float().tolist(), rejected.float().tolist()))]
+            faults.reached("eval", self.n_evals + 1)
         self.n_evals += 1
         model.train()
-        everything = sorted(gather_object(results))
+        everything = sorted(gather_object(pairs), key=lambda p: p["index"])
         self.state.last_eval_examples = self.state.examples
         record = self.eval_metrics(everything)
         record = {"split": "eval", "step": self.state.step, "examples": self.state.examples, **record,
@@ -252,19 +375,15 @@ class BasicTrainer:
         self.tracker.log(record)
         self.last_eval = record
         if final and self.cfg.write_predictions and self.accelerator.is_main_process:
-            lines = "".join(json.dumps({"chosen": c, "rejected": r}) + "\n" for _, _, _, c, r in everything)
-            checkpoint.atomic_write_text(os.path.join(self.run_dir, "generated_predictions.jsonl"), lines)
+            lines = "".join(json.dumps({"chosen": p["chosen"], "rejected": p["rejected"]}) + "\n" for p in everything)
+            atomic.write_text(os.path.join(self.run_dir, "generated_predictions.jsonl"), lines)
         return record
 
-    def _scores(self, model, batch):
-        return self.forward(batch, model=model)
-
-    def eval_metrics(self, results: list) -> dict:
-        """results: (index, subset, margin, chosen score, rejected score) for every eval pair."""
-        chosen = torch.tensor([r[3] for r in results])
-        rejected = torch.tensor([r[4] for r in results])
-        margin = torch.tensor([r[2] for r in results])
-        loss = self.loss(chosen, rejected, {"margin": margin, "has_margin": bool(margin.any())})
+    def eval_metrics(self, pairs: list) -> dict:
+        """Metrics over every eval pair; the loss is loss() on all of them at once, called as in training."""
+        chosen = torch.tensor([p["chosen"] for p in pairs])
+        rejected = torch.tensor([p["rejected"] for p in pairs])
+        loss = self.loss(chosen, rejected, **{name: _join([p[name] for p in pairs]) for name in self.pair_fields})
         sums = pair_metrics(chosen, rejected)
         n = sums["n"]
         rewards = torch.cat([chosen, rejected])
@@ -272,8 +391,8 @@ class BasicTrainer:
                   "chosen": sums["chosen"] / n, "rejected": sums["rejected"] / n,
                   "reward_min": rewards.min().item(), "reward_mean": rewards.mean().item(),
                   "reward_max": rewards.max().item(), "n_pairs": n}
-        for subset in sorted({r[1] for r in results}):
-            keep = torch.tensor([r[1] == subset for r in results])
+        for subset in sorted({p["subset"] for p in pairs}):
+            keep = torch.tensor([p["subset"] == subset for p in pairs])
             record[f"accuracy/{subset}"] = (chosen[keep] > rejected[keep]).float().mean().item()
         return record
 
@@ -292,8 +411,8 @@ class BasicTrainer:
         def finish():
             checkpoint.save(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.state)
             self.n_saves += 1
-            faults.kill_point("save", self.n_saves)  # files written, marker not yet: a torn checkpoint
-            checkpoint.mark_complete_and_publish(tmp, final_dir)
+            faults.reached("save", self.n_saves)  # files written, marker not yet: a torn checkpoint
+            atomic.publish_dir(tmp, final_dir)
             checkpoint.prune(self.run_dir, self.cfg.keep_last_n_checkpoints)
 
         with faults.phase("save"):
@@ -345,8 +464,8 @@ class BasicTrainer:
             metrics = {**final_metrics, "steps": self.state.step, "train_examples": self.state.examples,
                        "skipped_steps": self.state.skipped_steps, "world_size": self.world,
                        **{f"data_{k}": v for k, v in self.data_counts.items()}}
-            checkpoint.atomic_write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics, indent=1))
-            checkpoint.mark_complete_and_publish(tmp, os.path.join(self.run_dir, "FINAL"))
+            atomic.write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics, indent=1))
+            atomic.publish_dir(tmp, os.path.join(self.run_dir, "FINAL"))
 
         with faults.phase("save", after="done"):
             self._save_part(f"{self.run_dir}/FINAL", tmp, write if acc.is_main_process else None)
@@ -357,7 +476,10 @@ class BasicTrainer:
 
 
 class PairedPreferenceTrainer(BasicTrainer):
-    """Chosen and rejected go through the model in ONE forward: half the kernel launches."""
+    """Chosen and rejected go through the model in ONE forward: half the kernel launches.
+    Abstract: a loss subclasses it and defines loss()."""
+
+    policy_hf_model_class = AutoModelForBradleyTerry  # reward = logits[:, 1]
 
     def forward(self, batch: dict, model=None):
         model = model if model is not None else self.model
@@ -371,9 +493,46 @@ class PairedPreferenceTrainer(BasicTrainer):
 class BradleyTerryTrainer(PairedPreferenceTrainer):
     """-log sigmoid(s_c - s_r - margin) + centering; no reference model."""
 
-    policy_hf_model_class = AutoModelForBradleyTerry
-    use_reference_model = False
+    @dataclass
+    class Params:
+        center_rewards_coefficient: float = 0.0  # weight of mean((s_c + s_r)^2), per squared reward unit; 0.01 is usual
 
-    def loss(self, chosen, rejected, batch: dict) -> torch.Tensor:
-        margin = batch["margin"].to(chosen.device) if batch.get("has_margin") else None
-        return bradley_terry_loss(chosen, rejected, margin, self.cfg.loss.center_rewards_coefficient)
+        def __post_init__(self):
+            if not 0 <= self.center_rewards_coefficient < math.inf:
+                raise ValueError(f"center_rewards_coefficient must be at least 0 (and finite), "
+                                 f"got {self.center_rewards_coefficient}")
+
+    def loss(self, chosen, rejected, margin):
+        return bradley_terry_loss(chosen, rejected, margin, self.params.center_rewards_coefficient)
+
+
+class BradleyTerrySmoothTrainer(BradleyTerryTrainer):
+    """Bradley-Terry with label smoothing, for noisy labels: -(1-eps) log sigmoid(d) - eps log sigmoid(-d)."""
+
+    @dataclass
+    class Params(BradleyTerryTrainer.Params):
+        label_smoothing: float = 0.1  # share of labels assumed flipped, in [0, 0.5); 0.1 suits human labels
+
+        def __post_init__(self):
+            super().__post_init__()
+            if not 0 <= self.label_smoothing < 0.5:
+                raise ValueError(f"label_smoothing must be at least 0 and less than 0.5, got {self.label_smoothing}")
+
+    def loss(self, chosen, rejected, margin):
+        p = self.params
+        return smoothed_bradley_terry_loss(chosen, rejected, margin, p.label_smoothing, p.center_rewards_coefficient)
+
+
+class HingeTrainer(PairedPreferenceTrainer):
+    """Margin ranking: max(0, hinge_margin - (s_c - s_r - margin)); pairs already apart by hinge_margin add nothing."""
+
+    @dataclass
+    class Params:
+        hinge_margin: float = 1.0  # in reward units: how far chosen must beat rejected; 1.0 is usual
+
+        def __post_init__(self):
+            if not 0 <= self.hinge_margin < math.inf:
+                raise ValueError(f"hinge_margin must be at least 0 (and finite), got {self.hinge_margin}")
+
+    def loss(self, chosen, rejected, margin):
+        return hinge_loss(chosen, rejected, margin, self.params.hinge_margin)

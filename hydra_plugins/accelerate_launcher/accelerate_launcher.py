@@ -9,7 +9,6 @@ any sweeper, and each job gets fresh processes from `accelerate launch`, as a si
 The parent keeps Hydra's bookkeeping (job dir, .hydra/, callbacks such as the sweep summary); the
 child runs launch.py in single-run mode, pointed at the job dir with local_run_dir=<job dir>.
 """
-import json
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ from hydra.core.utils import configure_log, filter_overrides, run_job, setup_glo
 from hydra.plugins.launcher import Launcher
 from omegaconf import open_dict
 
+from train.checkpoint import final_metrics
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,8 @@ class AccelerateLauncher(Launcher):
         returncode, tail = self._run_forwarding_stderr(command)
         if returncode != 0 and not self.terminated:  # a stopped job may exit non-zero (torchrun does)
             raise JobFailed(_last_error(tail) or f"accelerate launch exited with code {returncode}")
-        final = os.path.join(job_dir, "FINAL", "metrics.json")
-        if not os.path.exists(final):
-            return None  # stopped early (preempted): no result yet; rerun with resume=auto
-        with open(final) as f:
-            return json.load(f)["accuracy"]
+        metrics = final_metrics(job_dir)
+        return metrics["accuracy"] if metrics else None  # None: stopped early (preempted), no result yet
 
     def _run_forwarding_stderr(self, command, keep: int = 1 << 16):
         """Run command with its stderr shown as it comes, keeping the last `keep` bytes for the error.

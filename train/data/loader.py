@@ -11,9 +11,10 @@ import datasets
 import torch
 from datasets.fingerprint import Hasher
 
+from train.data.batching import pad_batch
 from train.data.formatting import encode
 from train.data.sources import SOURCES
-from train.config import source_options
+from train.data.options import source_options
 from train.errors import UserError
 
 # A pair whose chosen and rejected tokens are identical (after truncation) teaches nothing: its two
@@ -106,11 +107,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> list:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def _pad(seqs, value):
-    longest = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (longest - len(s)) for s in seqs], dtype=torch.long)
-
-
 class Collator:
     """Rows -> one batch with chosen rows first, then rejected rows, padded to the longest."""
 
@@ -119,15 +115,13 @@ class Collator:
 
     def __call__(self, rows: list) -> dict:
         seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-        input_ids = _pad(seqs, self.pad_token_id)
-        mask = _pad([[1] * len(s) for s in seqs], 0)
-        batch = {"input_ids": input_ids, "attention_mask": mask,
-                 "margin": torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
-                 "has_margin": any(r["margin"] is not None for r in rows),
-                 "index": [r["index"] for r in rows], "subset": [r["subset"] for r in rows]}
+        types = None
         if rows[0]["chosen_types"] is not None:
             types = [r["chosen_types"] for r in rows] + [r["rejected_types"] for r in rows]
-            batch["token_type_ids"] = _pad(types, 0)
+        batch = pad_batch(seqs, self.pad_token_id, types)
+        batch.update(margin=torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
+                     has_margin=any(r["margin"] is not None for r in rows),
+                     index=[r["index"] for r in rows], subset=[r["subset"] for r in rows])
         return batch
 
 

@@ -3,14 +3,15 @@
 pairs_for_prompt() and plan_pairs() see only (key, reward) numbers, never texts, so choosing the
 pairs of a large file holds one float per sample.
 """
+import contextlib
 import json
 import math
-import os
 import random
 from typing import Optional
 
 import numpy as np
 
+from train import atomic
 from train.errors import UserError
 
 FEEDBACK_TYPES = ("scalar", "binary", "pairwise")
@@ -122,29 +123,14 @@ def plan_pairs(groups: dict, mode: str, threshold, seed: int) -> tuple:
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def temporary_path(path: str) -> str:
-    """Where FeedbackWriter writes before renaming into `path` (train.label checks it is not the input)."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
 class FeedbackWriter:
-    """Rows to a JSON array (JSONL when the path ends in .jsonl), published atomically on success."""
+    """Rows to an open file: a JSON array, or JSONL (one row a line)."""
 
-    def __init__(self, path: str):
-        self.path, self.tmp = path, temporary_path(path)
-        self.jsonl = path.endswith(".jsonl")
+    def __init__(self, f, jsonl: bool):
+        self.f, self.jsonl = f, jsonl
         self.count = 0
-
-    def __enter__(self):
-        # A new file of our own: a leftover at this name (even a symlink or a hard link) is
-        # removed, not written through, and O_EXCL refuses anything put there meanwhile.
-        if os.path.lexists(self.tmp):
-            os.remove(self.tmp)
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self.f = os.fdopen(fd, "w", encoding="utf-8")
-        if not self.jsonl:
-            self.f.write("[")
-        return self
+        if not jsonl:
+            f.write("[")
 
     def write(self, row: dict):
         if self.jsonl:
@@ -153,16 +139,17 @@ class FeedbackWriter:
             self.f.write(("\n" if self.count == 0 else ",\n") + json.dumps(row, ensure_ascii=False))
         self.count += 1
 
-    def __exit__(self, kind, value, traceback):
-        try:
-            if kind is None:
-                if not self.jsonl:
-                    self.f.write("\n]\n")
-                self.f.flush()
-                os.fsync(self.f.fileno())
-        finally:
-            self.f.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+    def finish(self):
+        if not self.jsonl:
+            self.f.write("\n]\n")
+
+
+@contextlib.contextmanager
+def feedback_file(path: str):
+    """A FeedbackWriter (JSONL when the path ends in .jsonl) that becomes `path` only if the block
+    ends without an error. It writes a new file of its own under atomic.temp_path(path), never
+    through a link left at that name (train/atomic.py), so it cannot overwrite another file."""
+    with atomic.write_file(path, encoding="utf-8") as f:
+        out = FeedbackWriter(f, path.endswith(".jsonl"))
+        yield out
+        out.finish()

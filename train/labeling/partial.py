@@ -8,6 +8,8 @@ means other settings, and the file is started over.
 import json
 import os
 
+from train import atomic
+
 
 def _file_id(path: str) -> list:
     stat = os.stat(path)
@@ -59,22 +61,20 @@ class PartialFile:
                     changed = sorted(k for k in self.header if (old or {}).get(k) != self.header[k])
                     log(f"{self.path} was written with different settings ({', '.join(changed)}): starting over")
         if done:
-            with self._open(0) as f:
+            with self._open() as f:
                 f.truncate(good)
             log(f"resuming: {done} samples already scored in {self.path}")
         else:
-            if os.path.lexists(self.path):  # removed, not truncated: it may be a link
-                os.remove(self.path)
-            with self._open(os.O_CREAT | os.O_EXCL) as f:
+            with atomic.new_file(self.path) as f:  # a link at the path is removed, not written through
                 f.write(json.dumps(self.header) + "\n")
         return done
 
-    def _open(self, flags: int):
+    def _open(self):
         """For writing at the end, never through a symlink (one put there after resume())."""
-        return os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | flags, 0o666), "w")
+        return os.fdopen(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "w")
 
     def append(self, scored: list):
-        with self._open(0) as f:
+        with self._open() as f:
             f.write("".join(json.dumps([row, reward]) + "\n" for row, reward in scored))
             f.flush()
             os.fsync(f.fileno())  # a kill after this loses nothing already reported as done

@@ -7,7 +7,7 @@ the same rule as a training prompt.
 """
 from typing import Iterator, Optional, Tuple
 
-from train.data.jsonfile import RowError, iter_json_array, read_rows  # noqa: F401 (iter_json_array is re-exported)
+from train.data.jsonfile import RowError, read_rows
 from train.data.sources import prompt_field, text_field
 from train.errors import UserError
 

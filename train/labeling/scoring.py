@@ -4,7 +4,8 @@
   <run>/config.yaml, then its safetensors weights) or a plain HF classifier dir. Code shipped
   with a model runs only with --trust_remote_code, whatever the run's config.yaml says.
 - encode_sample() is train.data.formatting.encode, the function training uses.
-- Scorer pads length-sorted batches; EncodedChunks reads and encodes in DataLoader workers.
+- Scorer pads length-sorted batches (train.data.batching.pad_batch, as training pads); EncodedChunks
+  reads and encodes in DataLoader workers.
 """
 import itertools
 import json
@@ -15,10 +16,11 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_model
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from train.data.batching import pad_batch
 from train.data.formatting import encode
 from train.errors import UserError
 from train.labeling.samples import read_samples
-from train.models import AutoModelForBradleyTerry, load_tokenizer
+from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, prepare_tokenizer
 
 CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
 # Used only for a plain classifier dir with no training run: HALOs' labeler defaults.
@@ -84,8 +86,7 @@ def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
     if found:  # checked before loading: one line, with no transformers warning before it
         raise UserError(found + refusal)
     try:
-        if checkpoint:
-            from train.build import build_model, prepare_tokenizer  # training's construction, then its weights
+        if checkpoint:  # training's construction, then its weights
             cfg.model.dtype = setup["dtype"]
             cfg.model.trust_remote_code = trust_remote_code
             tokenizer = prepare_tokenizer(cfg)
@@ -148,18 +149,10 @@ class Scorer:
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def collate(self, items: list) -> dict:
-        """Right-padded to the longest; the model reads the score at the last attention-mask position."""
-        longest = max(len(e["input_ids"]) for e in items)
-
-        def pad(key, value):  # one tensor per batch: far cheaper than one per sample
-            return torch.tensor([e[key] + [value] * (longest - len(e[key])) for e in items]).to(self.device)
-
-        batch = {"input_ids": pad("input_ids", self.tokenizer.pad_token_id),
-                 "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (longest - len(e["input_ids"]))
-                                                 for e in items]).to(self.device)}
-        if "token_type_ids" in items[0]:
-            batch["token_type_ids"] = pad("token_type_ids", 0)
-        return batch
+        """Padded as training pads its batches, on this scorer's device."""
+        types = [e["token_type_ids"] for e in items] if "token_type_ids" in items[0] else None
+        batch = pad_batch([e["input_ids"] for e in items], self.tokenizer.pad_token_id, types)
+        return {k: v.to(self.device) for k, v in batch.items()}
 
     @torch.inference_mode()
     def score_encoded(self, encoded: list) -> list:
@@ -169,10 +162,6 @@ class Scorer:
             for i, r in zip(idx, self.model(**self.collate([encoded[i] for i in idx])).float().tolist()):
                 rewards[i] = r
         return rewards
-
-    def score(self, pairs: list) -> list:
-        """Rewards of (prompt, output) pairs, in their order."""
-        return self.score_encoded([self.encode(prompt, output) for prompt, output in pairs])
 
 
 class EncodedChunks(torch.utils.data.IterableDataset):
