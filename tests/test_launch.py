@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import ROOT, TINY, accelerate_launch, final_metrics, final_weights, launch, metrics
+from tests.conftest import ROOT, TINY, accelerate_launch, final_metrics, final_weights, launch, launch_each, metrics
 
 
 def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(cache):
@@ -88,7 +88,8 @@ def test_two_processes_equal_one_process(cache):
     assert t1 == pytest.approx(t2, abs=1e-5)
 
 
-@pytest.mark.parametrize("args,expected", [
+MISTAKES = [
+    (["lr=-1"], r"lr must be more than 0, got -1.0"),
     (["lrr=1e-4"], r"unknown config key 'lrr' \(did you mean 'lr'\?\)"),
     (["model.max_lenght=64"], r"unknown config key 'model.max_lenght' \(did you mean 'max_length'\?\)"),
     (["model=llama"], r"config key 'model.name_or_path' is required"),
@@ -103,14 +104,20 @@ def test_two_processes_equal_one_process(cache):
     (["model.name_or_path=${pkg:not_a_package,model}"], r"package 'not_a_package' is not installed"),
     (["model=tiny-llama", "datasets.synthetic.n_test=0"], r"0 held-out pairs: both must be at least 1"),
     (["model=tiny-llama", "datasets.synthetic.n_train=12"], r"12 training pairs make no full batch of batch_size=32"),
-])
-def test_user_mistakes_give_one_clear_line(cache, args, expected):
-    proc = launch([*args, f"cache_dir={cache}"], check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "tokenizing" not in line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr  # progress bars aside
-    assert re.search(expected, lines[0]), lines[0]
-    assert "Traceback" not in proc.stderr + proc.stdout
+]
+
+
+def test_user_mistakes_give_one_clear_line(cache):
+    procs = launch_each([[*args, f"cache_dir={cache}"] for args, _ in MISTAKES])
+    for (args, expected), proc in zip(MISTAKES, procs):
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip() and "tokenizing" not in line]
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)  # progress bars aside
+        assert re.search(expected, lines[0]), lines[0]
+        assert "Traceback" not in proc.stderr + proc.stdout
+    # One case as a fresh `python launch.py` too: the one-line exit is not an artefact of launch_each.
+    assert launch(["lrr=1e-4", f"cache_dir={cache}"], check=False).stderr == \
+        "error: unknown config key 'lrr' (did you mean 'lr'?)\n"
 
 
 def test_epochs_and_n_examples_count_whole_batches(cache):

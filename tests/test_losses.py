@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT, launch, launch_each
 from train.trainers import loss_params
 from train.errors import UserError
 from train.losses import bradley_terry_loss, hinge_loss, pair_metrics, smoothed_bradley_terry_loss
@@ -217,18 +217,22 @@ def test_readme_add_a_loss_example_trains_as_shown(tmp_path, cache):
     assert final["loss"] == pytest.approx(ipo, rel=1e-5)
 
     # its parameter is checked like any other: a bad value or a typo is one line before any model loads
-    for bad, message in [("loss.tau=0", "loss.tau must be more than 0, got 0"),
-                         ("loss.taw=0.1", "unknown config key 'loss.taw' (did you mean 'tau'?)")]:
-        proc = launch([*args, bad, f"cache_dir={cache}", "exp_name=bad"], cwd=repo, check=False)
+    bad = [("loss.tau=0", "loss.tau must be more than 0, got 0"),
+           ("loss.taw=0.1", "unknown config key 'loss.taw' (did you mean 'tau'?)")]
+    procs = launch_each([[*args, b, f"cache_dir={cache}", "exp_name=bad"] for b, _ in bad], cwd=repo)
+    for (_, message), proc in zip(bad, procs):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("args,expected", [
+LOSS_MISTAKES = [
     (["loss.center_rewards_coefficient=-1"], "error: loss.center_rewards_coefficient must be at least 0"),
     (["loss=hinge", "loss.hinge_margn=2"], "error: unknown config key 'loss.hinge_margn' (did you mean 'hinge_margin'?)"),
     (["loss.trainer=PairedPreferenceTrainer"], "error: loss.trainer 'PairedPreferenceTrainer' is abstract"),
-])
-def test_loss_mistakes_on_the_command_line_are_one_line(cache, args, expected):
-    proc = launch(["model=tiny-llama", *args, f"cache_dir={cache}"], check=False)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+]
+
+
+def test_loss_mistakes_on_the_command_line_are_one_line(cache):
+    procs = launch_each([["model=tiny-llama", *args, f"cache_dir={cache}"] for args, _ in LOSS_MISTAKES])
+    for (args, expected), proc in zip(LOSS_MISTAKES, procs):
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), (args, proc.stderr)
