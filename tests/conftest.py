@@ -81,6 +81,20 @@ def final_weights(run_dir):
     return load_file(str(Path(run_dir) / "FINAL" / "model.safetensors"))
 
 
+# The shared run: 12 steps of 16 pairs, a checkpoint every 2 steps (step-8 and step-10 are kept),
+# an eval every 3 steps, eval predictions written.
+SHARED_RUN = [*TINY, "save_every=32", "eval_every=48", "lr=1e-3"]
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """One tiny-llama run, trained once per test session, for every test that only READS a run dir
+    (the run-dir contract, labeling, the uninterrupted reference of the resume tests)."""
+    cache = tmp_path_factory.mktemp("shared-run")
+    launch([*SHARED_RUN, "write_predictions=true", f"cache_dir={cache}", "exp_name=shared"])
+    return cache / "shared"
+
+
 @pytest.fixture
 def cache(tmp_path):
     return str(tmp_path / "cache")

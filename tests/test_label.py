@@ -107,14 +107,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny-llama run: FINAL, checkpoints/step-6 and generated_predictions.jsonl."""
-    cache = tmp_path_factory.mktemp("label-run")
-    launch(["model=tiny-llama", "datasets.synthetic.n_train=192", "datasets.synthetic.n_test=48",
-            "n_eval_examples=48", "batch_size=16", "microbatch_size=8", "eval_every=1000",
-            "save_every=96", "write_predictions=true", f"cache_dir={cache}", "exp_name=rm"],
-           extra_env={"OMP_NUM_THREADS": 1})
-    return cache / "rm"
+def run(shared_run):
+    """The shared tiny-llama run (tests/conftest.py): FINAL, checkpoints/step-10 and generated_predictions.jsonl."""
+    return shared_run
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +165,7 @@ def test_scalar_keeps_every_field_and_scores_like_training(run, samples, scalar)
 
 
 def test_checkpoint_dir_is_rebuilt_from_the_run_config(run, samples, scalar, tmp_path):
-    step = run / "checkpoints" / "step-6"
+    step = run / "checkpoints" / "step-10"
     assert not (step / "config.json").exists()
     out = tmp_path / "ckpt.jsonl"
     label("--reward_model_path", step, samples[0], out)
@@ -579,9 +574,9 @@ def test_checkpoint_run_config_cannot_turn_on_remote_code(run, evil, tmp_path):
     """A checkpoint is rebuilt from its run's config.yaml: there trust_remote_code: true and a base
     model that ships code must not run that code either."""
     final, marker, samples, extra_env = evil
-    step = tmp_path / "ckpt-run" / "checkpoints" / "step-6"
+    step = tmp_path / "ckpt-run" / "checkpoints" / "step-10"
     step.mkdir(parents=True)
-    (step / "model.safetensors").write_bytes((run / "checkpoints" / "step-6" / "model.safetensors").read_bytes())
+    (step / "model.safetensors").write_bytes((run / "checkpoints" / "step-10" / "model.safetensors").read_bytes())
     run_config_with(run, step.parent.parent / "config.yaml", trust_remote_code=True, name_or_path=str(final))
     proc = label("--reward_model_path", step, samples, tmp_path / "out.jsonl", check=False, extra_env=extra_env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -593,9 +588,9 @@ def test_checkpoint_run_config_cannot_turn_on_remote_code(run, evil, tmp_path):
 
 def test_checkpoint_is_built_without_remote_code_from_its_run_config(run, tmp_path, capsys, monkeypatch):
     from train.labeling import scoring
-    step = tmp_path / "rm" / "checkpoints" / "step-6"
+    step = tmp_path / "rm" / "checkpoints" / "step-10"
     step.mkdir(parents=True)
-    (step / "model.safetensors").write_bytes((run / "checkpoints" / "step-6" / "model.safetensors").read_bytes())
+    (step / "model.safetensors").write_bytes((run / "checkpoints" / "step-10" / "model.safetensors").read_bytes())
     run_config_with(run, step.parent.parent / "config.yaml", trust_remote_code=True)
     seen = []
 

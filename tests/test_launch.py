@@ -12,9 +12,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from tests.conftest import ROOT, TINY, accelerate_launch, final_metrics, final_weights, launch, launch_each, metrics
 
 
-def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(cache):
-    launch([*TINY, f"cache_dir={cache}", "exp_name=tiny", "write_predictions=true"])
-    run = Path(cache) / "tiny"
+def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(shared_run):
+    run = shared_run
     for path in ("config.yaml", "metrics.jsonl", "FINAL/model.safetensors", "FINAL/config.json",
                  "FINAL/tokenizer.json", "FINAL/metrics.json", "plots/loss.png", "plots/accuracy.png",
                  "plots/margin.png", "generated_predictions.jsonl"):

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, TINY, accelerate_launch, env, final_metrics, final_weights, launch, metrics
+from tests.conftest import PYTHON, ROOT, SHARED_RUN, TINY, accelerate_launch, env, final_metrics, final_weights, launch, metrics
 
-# 12 steps of 16 pairs; checkpoints every 2 steps, evals every 3 steps.
-RUN = [*TINY, "save_every=32", "eval_every=48", "lr=1e-3"]
+RUN = SHARED_RUN  # the runs here are interrupted copies of the shared one
 TIMING = ("pairs_per_s", "tokens_per_s", "train_seconds")
 
 
@@ -20,11 +19,10 @@ def comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("ref"))
-    launch([*RUN, f"cache_dir={cache}", "exp_name=ref"])
-    return Path(cache) / "ref"
+@pytest.fixture
+def reference(shared_run):
+    """The uninterrupted run (write_predictions changes neither its metrics nor its weights)."""
+    return shared_run
 
 
 def assert_same_run(run, reference):

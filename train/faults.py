@@ -13,6 +13,8 @@ import contextlib
 import os
 import signal
 
+from train import atomic
+
 KILL_AT = "REWARD_HARNESS_KILL_AT"
 INF_WEIGHTS_AT = "REWARD_HARNESS_INF_WEIGHTS_AT"
 PHASE_FILE = "REWARD_HARNESS_PHASE_FILE"
@@ -30,9 +32,7 @@ def reached(point: str, count: int, model=None):
 def set_phase(name: str):
     path = os.environ.get(PHASE_FILE)
     if path:
-        with open(f"{path}.{os.getpid()}", "w") as f:
-            f.write(name)
-        os.replace(f"{path}.{os.getpid()}", path)  # so a reader never sees it empty
+        atomic.write_text(path, name)  # so a reader never sees it empty
 
 
 @contextlib.contextmanager
