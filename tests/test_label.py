@@ -74,6 +74,14 @@ def label(*args, check=True, peak=False, extra_env=None):
     return proc
 
 
+def alive(pid: str) -> bool:
+    """A process that runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def peak_kb(proc) -> tuple:
     """(main process, worker) peak RSS in kB."""
     main, worker = proc.stderr.rsplit("peak_rss_kb", 1)[1].split()[:2]
@@ -316,8 +324,14 @@ def test_killed_run_resumes_to_the_same_file(run, reference_10k):
     while not (partial.exists() and partial.read_text().count("\n") > 2):
         assert proc.poll() is None and time.time() < deadline, "labeling ended before it could be killed"
         time.sleep(0.05)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert workers, "the run was expected to read samples in a DataLoader worker"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 30  # its worker dies with it, instead of holding its memory for good
+    while any(alive(pid) for pid in workers):
+        assert time.time() < deadline, f"worker(s) {workers} outlived the killed labeler"
+        time.sleep(0.1)
     scored = partial.read_text().count("\n") - 1
     assert 0 < scored < len(reference) and not out.exists()
     with open(partial, "a") as f:
