@@ -120,7 +120,6 @@ class Collator:
             types = [r["chosen_types"] for r in rows] + [r["rejected_types"] for r in rows]
         batch = pad_batch(seqs, self.pad_token_id, types)
         batch.update(margin=torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
-                     has_margin=any(r["margin"] is not None for r in rows),
                      index=[r["index"] for r in rows], subset=[r["subset"] for r in rows])
         return batch
 
