@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/benchmark.py                 # every section
     .venv/bin/python scripts/benchmark.py --only label    # one section
+    .venv/bin/python scripts/benchmark.py --only quality --real_data ../shared/data/hh-rlhf-harmless/harmless-base-test.jsonl.gz
 
 Each section is a function `bench_<name>(args)` that prints its own results; add one to SECTIONS
 (and its options to add_arguments) to add a benchmark. Sections run offline on the bundled MiniLM.
@@ -110,7 +111,13 @@ def bench_train(args):
     train_bench.main(["--pairs", str(args.train_pairs), "--batch_size", str(args.train_batch_size)])
 
 
-SECTIONS = {"train": bench_train, "label": bench_label}
+# ---- quality: held-out accuracy on real data, this harness vs TRL (scripts/bench_quality.py) -------
+def bench_quality(args):
+    from scripts import bench_quality
+    bench_quality.run(args)
+
+
+SECTIONS = {"train": bench_train, "label": bench_label, "quality": bench_quality}
 
 
 def add_arguments(parser):
@@ -121,6 +128,9 @@ def add_arguments(parser):
     parser.add_argument("--label_single_samples", type=int, default=300,
                         help="label: samples timed one at a time (the slow baseline)")
     parser.add_argument("--label_model", default=None, help="label: model dir; default: the bundled MiniLM")
+    from scripts import bench_quality
+    quality = parser.add_argument_group("quality (options of scripts/bench_quality.py)")
+    bench_quality.add_arguments(quality)
 
 
 def main(argv=None):

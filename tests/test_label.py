@@ -384,9 +384,9 @@ def test_pairwise_feedback_trains_a_new_reward_model(run, samples, scalar, tmp_p
     label("--reward_model_path", run / "FINAL", "--feedback_type", "pairwise", samples[0], feedback_file)
     pairs = read_output(feedback_file)
     # The harness reads each pair with the higher-reward output as chosen.
-    from train.data.options import FileSource
-    from train.data.sources import SOURCES
-    train, test = SOURCES["feedback"](FileSource(path=str(feedback_file)), 0, log=lambda *a: None)
+    from train.data.options import DataSource
+    from train.data.sources import data_source
+    train, test, _ = data_source("feedback", DataSource(path=str(feedback_file), format="feedback"))
     assert len(train) + len(test) == len(pairs)
     reward_of = {(r["prompt_id"], r["output"]): r["reward"] for r in scalar}
     for e in train + test:

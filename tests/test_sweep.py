@@ -160,25 +160,25 @@ def wandb_run_record(run_dir):
 
 
 def test_a_failing_job_is_reported_and_the_others_finish_each_its_own_wandb_run(tmp_path):
-    # batch_size=7 cannot be split into microbatches of 16: that job fails before loading a model.
+    # batch_size=24 is not a whole number of microbatches of 16: that job fails before loading a model.
     args = ["-m", *TINY, f"cache_dir={tmp_path}", "exp_name=failing", "wandb.enabled=true", "wandb.mode=offline",
-            "batch_size=16,7,32"]
+            "batch_size=16,24,32"]
     proc = run(args, check=False)
     assert proc.returncode != 0  # Hydra reports the failed job once every job has run
     sweep_dir = tmp_path / "failing"
     by_batch = {params(job)["batch_size"]: job for job in jobs(sweep_dir)}
-    assert sorted(by_batch) == ["16", "32", "7"]
+    assert sorted(by_batch) == ["16", "24", "32"]
     assert (by_batch["16"] / "FINAL" / "COMPLETE").exists() and (by_batch["32"] / "FINAL" / "COMPLETE").exists()
-    assert not (by_batch["7"] / "FINAL").exists()
+    assert not (by_batch["24"] / "FINAL").exists()
 
     rows = {r["batch_size"]: r for r in csv_rows(sweep_dir)}
-    assert rows["7"]["status"] == "failed" and rows["16"]["status"] == rows["32"]["status"] == "done"
-    assert rows["7"]["note"].startswith("batch_size (7) must be microbatch_size (16)")
-    assert rows["7"]["best"] == "0" and rows["7"]["accuracy"] == ""
+    assert rows["24"]["status"] == "failed" and rows["16"]["status"] == rows["32"]["status"] == "done"
+    assert rows["24"]["note"].startswith("batch_size (24) must be microbatch_size (16)")
+    assert rows["24"]["best"] == "0" and rows["24"]["accuracy"] == ""
     assert_summary_matches_finals(sweep_dir, ["batch_size"])
     markdown = (sweep_dir / "summary.md").read_text()
     assert "3 jobs, 2 done, 1 failed" in markdown
-    assert "failed: batch_size (7) must be microbatch_size (16)" in markdown
+    assert "failed: batch_size (24) must be microbatch_size (16)" in markdown
 
     # wandb: one offline run per finished job, grouped by the sweep, named after the job
     runs = {size: wandb_run_record(next((by_batch[size] / "wandb").glob("offline-run-*"))) for size in ("16", "32")}

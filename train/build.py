@@ -163,7 +163,8 @@ def build(cfg, held: contextlib.ExitStack = None):
         tokenizer = prepare_tokenizer(cfg)
     cache = os.path.join(cfg.cache_dir, "tokenized")
     # Every process reads and checks the data, so a bad row stops them all with the same line.
-    train_examples, test_examples = load_examples(cfg, log)
+    source_counts = {}
+    train_examples, test_examples = load_examples(cfg, log, source_counts)
     if not train_examples or not test_examples:
         raise UserError(f"the data config gives {len(train_examples)} training and {len(test_examples)} held-out pairs: "
                         "both must be at least 1")
@@ -171,6 +172,7 @@ def build(cfg, held: contextlib.ExitStack = None):
         train_ds, train_counts = tokenize(train_examples, tokenizer, cfg.model, cache)
         test_ds, test_counts = tokenize(test_examples, tokenizer, cfg.model, cache)
     counts = {f"{split}_{k}": v for split, c in (("train", train_counts), ("test", test_counts)) for k, v in c.items()}
+    counts.update(source_counts)
     log(f"data: {len(train_ds)} train pairs, {len(test_ds)} test pairs; truncated/dropped: {counts}")
     for split, ds in (("training", train_ds), ("held-out", test_ds)):
         if len(ds) == 0:

@@ -16,7 +16,7 @@ from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, Missi
 
 from train.checks import check_ranges, check_type, suggest
 from train.data.formatting import TRUNCATION_POLICIES
-from train.data.options import SOURCE_SCHEMAS, checked_source_options
+from train.data.options import checked_source_options, schema_of
 from train.errors import UserError, storage_error
 from train.resolvers import register_resolvers
 
@@ -104,10 +104,7 @@ def _check_key(dotted: str):
     parts = dotted.split(".")
     schema, prefix = Config, ""
     if parts[0] == "datasets" and len(parts) >= 2:
-        source = SOURCE_SCHEMAS.get(parts[1])
-        if source is None:
-            raise UserError(f"unknown dataset source '{parts[1]}'{suggest(parts[1], SOURCE_SCHEMAS)}; "
-                            f"known: {', '.join(SOURCE_SCHEMAS)}")
+        source = schema_of(parts[1])
         if len(parts) == 2:
             return
         schema, prefix, parts = source, f"datasets.{parts[1]}.", parts[2:]

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from train import atomic, checkpoint, faults
+from train import atomic, checkpoint, faults, report
 from train.checks import check_type, suggest
 from train.data.loader import Collator, epoch_order, select
 from train.errors import UserError, storage_error
@@ -49,8 +49,9 @@ class NonFiniteError(UserError):
 def batch_plan(cfg, world: int) -> tuple:
     """(pairs per process per step, accumulation steps); checked before any model loads."""
     per_process, rest = divmod(cfg.batch_size, world)
-    accumulation = per_process // cfg.microbatch_size
-    if rest or per_process % cfg.microbatch_size or accumulation == 0:
+    micro = min(cfg.microbatch_size, per_process)  # a small batch_size alone needs no microbatch_size
+    accumulation = per_process // micro if micro else 0
+    if rest or accumulation == 0 or per_process % micro:
         raise UserError(f"batch_size ({cfg.batch_size}) must be microbatch_size ({cfg.microbatch_size}) "
                         f"x processes ({world}) x a whole number of accumulation steps")
     return per_process, accumulation
@@ -354,16 +355,20 @@ class BasicTrainer(abc.ABC):
         mine = list(range(self.rank, len(self.eval_ds), self.world))
         rows = select(self.eval_ds, mine)
         rows.sort(key=lambda r: -len(r["chosen_ids"]) - len(r["rejected_ids"]))  # minimal padding
-        pairs = []  # one dict per pair: its index, subset, scores and what loss() asks for
+        pairs = []  # one dict per pair: its index, subset, source, lengths, scores and what loss() asks for
         size = self.cfg.eval_batch_size
         for i in range(0, len(rows), size):
             batch = self.collate(rows[i:i + size])
             chosen, rejected = self.forward(batch, model=model)
             inputs = self.pair_inputs(batch)
-            pairs += [{"index": index, "subset": subset, "chosen": c, "rejected": r,
+            lengths = [report.response_lengths(row["chosen_ids"], row["rejected_ids"]) for row in rows[i:i + size]]
+            sources = batch.get("source") or [""] * len(lengths)
+            pairs += [{"index": index, "subset": subset, "source": source, "chosen": c, "rejected": r,
+                       "chosen_len": length[0], "rejected_len": length[1],
                        **{name: value[j] for name, value in inputs.items()}}
-                      for j, (index, subset, c, r) in enumerate(zip(
-                          batch["index"], batch["subset"], chosen.float().tolist(), rejected.float().tolist()))]
+                      for j, (index, subset, source, length, c, r) in enumerate(zip(
+                          batch["index"], batch["subset"], sources, lengths, chosen.float().tolist(),
+                          rejected.float().tolist()))]
             faults.reached("eval", self.n_evals + 1)
         self.n_evals += 1
         model.train()
@@ -374,6 +379,8 @@ class BasicTrainer(abc.ABC):
                   "world_size": self.world}
         self.tracker.log(record)
         self.last_eval = record
+        if final:  # save_final writes FINAL/eval_report.json and its PNGs from them (train/report.py)
+            self.final_eval_pairs = everything
         if final and self.cfg.write_predictions and self.accelerator.is_main_process:
             lines = "".join(json.dumps({"chosen": p["chosen"], "rejected": p["rejected"]}) + "\n" for p in everything)
             atomic.write_text(os.path.join(self.run_dir, "generated_predictions.jsonl"), lines)
@@ -394,6 +401,10 @@ class BasicTrainer(abc.ABC):
         for subset in sorted({p["subset"] for p in pairs}):
             keep = torch.tensor([p["subset"] == subset for p in pairs])
             record[f"accuracy/{subset}"] = (chosen[keep] > rejected[keep]).float().mean().item()
+        sources = sorted({p.get("source", "") for p in pairs})
+        for source in sources if len(sources) > 1 else []:  # one source: its accuracy is `accuracy`
+            keep = torch.tensor([p.get("source", "") == source for p in pairs])
+            record.setdefault(f"accuracy/source={source}", (chosen[keep] > rejected[keep]).float().mean().item())
         return record
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -447,7 +458,8 @@ class BasicTrainer(abc.ABC):
         self._say(f"resumed from {path} at step {self.state.step} ({self.state.examples} pairs seen)")
 
     def save_final(self, final_metrics: dict):
-        """FINAL/: save_pretrained weights + tokenizer + metrics.json, written under a temp name."""
+        """FINAL/: save_pretrained weights + tokenizer + metrics.json + the final eval's report
+        (eval_report.json, reliability.png, reward_hist.png: train/report.py), written under a temp name."""
         acc = self.accelerator
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
@@ -465,6 +477,12 @@ class BasicTrainer(abc.ABC):
                        "skipped_steps": self.state.skipped_steps, "world_size": self.world,
                        **{f"data_{k}": v for k, v in self.data_counts.items()}}
             atomic.write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics, indent=1))
+            pairs = getattr(self, "final_eval_pairs", None)
+            if pairs:  # the report python -m train.evaluate writes, on the final eval's pairs
+                about = {"model": "FINAL", "pairs": f"the fixed eval subset ({len(pairs)} held-out pairs)",
+                         "step": self.state.step, "world_size": self.world}
+                report.write_report(os.path.join(tmp, f"{report.REPORT_NAME}.json"),
+                                    {**about, **report.preference_report(pairs)}, pairs)
             atomic.publish_dir(tmp, os.path.join(self.run_dir, "FINAL"))
 
         with faults.phase("save", after="done"):

@@ -6,21 +6,25 @@ Two formats:
 - plain: prompt and response are encoded as a text pair with the tokenizer's own special tokens
   (BERT: [CLS] prompt [SEP] response [SEP], with segment ids).
 
-Truncation works on token ids, never on strings, so it is exact:
-- "cut_prompt_left": drop prompt tokens from the left (the most recent context survives) until
-  the prompt fits max_prompt_length and the pair fits max_length; if the response alone is
-  still too long, drop its first tokens so that its end, where the score is read, survives.
-- "drop": a pair that does not fit is dropped (encode returns None) and counted by the caller.
+Truncation works on token ids, never on strings, so it is exact. The prompt loses tokens from its
+left (the most recent context survives) until it fits max_prompt_length and the pair fits
+max_length, but a long response never pushes it below half of max_length (or below its whole
+max_prompt_length, when that is less). If the response is then still too long:
+- "keep_end" drops its first tokens: its end, where a decoder reads the score, survives
+  ("cut_prompt_left" is the old name of this policy);
+- "keep_start" drops its last tokens, as LLaMA-Factory and HALOs do;
+- "drop": a pair that does not fit is dropped (encode returns None) and counted by the caller,
+  as TRL does.
 
 Only the tokens that truncation can keep are computed: a text much longer than max_length is
-tokenised in a window at its end (the prompt's end and the response's end are what is kept), so a
-50 MB row costs about what a row of max_length tokens costs. The ids are those of the whole text.
+tokenised in a window at the end that is kept (the prompt's end; the response's end or start), so
+a 50 MB row costs about what a row of max_length tokens costs. The ids are those of the whole text.
 """
 import re
 from functools import lru_cache
 from typing import Optional
 
-TRUNCATION_POLICIES = ("cut_prompt_left", "drop")
+TRUNCATION_POLICIES = ("keep_end", "keep_start", "drop", "cut_prompt_left")
 
 
 def prompt_as_text(prompt) -> str:
@@ -101,8 +105,26 @@ def _last_tokens(tokenizer, text: str, need: int) -> list:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _first_tokens(tokenizer, text: str, need: int) -> list:
+    """The ids of the text's first tokens, as tokenising the whole text gives them: all of them,
+    or more than `need` of them. The mirror of _last_tokens: a window at the start of the text
+    ends where whitespace starts, and the tokens of its last word are not used."""
+    size = 8 * need + 64
+    while size < len(text) and tokenizer.is_fast:
+        end = _GAP.search(text, size)  # the window ends with a whole word...
+        last = end and max((m for m in _GAP.finditer(text, 0, end.start())), default=None,
+                           key=lambda m: m.start())
+        if last:  # ...whose tokens are left out: what follows a word can change them
+            window = tokenizer(text[:end.start()], add_special_tokens=False, return_offsets_mapping=True)
+            ids = [i for i, (start, _) in zip(window["input_ids"], window["offset_mapping"]) if start < last.start()]
+            if len(ids) > need:
+                return ids
+        size *= 4
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode(tokenizer, prompt, response: str, max_length: int, max_prompt_length: int,
-           truncation: str = "cut_prompt_left") -> Optional[dict]:
+           truncation: str = "keep_end") -> Optional[dict]:
     """Token ids for one (prompt, response); None when truncation="drop" and it does not fit.
 
     Returns {"input_ids", "token_type_ids" (or absent), "truncated": bool}.
@@ -116,14 +138,18 @@ def encode(tokenizer, prompt, response: str, max_length: int, max_prompt_length:
     # At most budget response tokens and min(max_prompt_length, budget) prompt tokens are kept, and
     # either text being longer than that is all the fit test below needs to know.
     p = _last_tokens(tokenizer, prompt_text, max(min(max_prompt_length, budget), 0)) if prompt_text else []
-    r = _last_tokens(tokenizer, response_text, max(budget, 0))
+    keep_start = truncation == "keep_start"
+    r = (_first_tokens if keep_start else _last_tokens)(tokenizer, response_text, max(budget, 0))
     fits = len(p) + len(r) <= budget and len(p) <= max_prompt_length
     if not fits:
         if truncation == "drop":
             return None
-        p = p[max(0, len(p) - min(max_prompt_length, max(budget - len(r), 0))):]
+        # The prompt gives way to the response, but keeps at least half the budget (or all of its
+        # max_prompt_length, if less): a reward for a response to a question it cannot see is noise.
+        capped = min(len(p), max_prompt_length)
+        p = p[len(p) - min(capped, max(budget - len(r), min(capped, budget // 2))):]
         if len(p) + len(r) > budget:
-            r = r[len(r) - (budget - len(p)):]
+            r = r[:budget - len(p)] if keep_start else r[len(r) - (budget - len(p)):]
     ids = pre + p + mid + r + post
     out = {"input_ids": ids, "truncated": not fits}
     if types is not None:

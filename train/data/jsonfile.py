@@ -8,8 +8,11 @@ A bad JSONL line is yielded as a RowError, so the caller can name it or skip it.
 bad JSON or bytes that are not UTF-8 stop the read with a UserError naming the element, since the
 elements after it cannot be found reliably.
 """
+import bz2
 import codecs
+import gzip
 import json
+import lzma
 from typing import Iterator, Tuple
 
 from train.errors import UserError
@@ -21,6 +24,18 @@ MAX_DEPTH = 100
 TOO_DEEP = f"not valid JSON (nested too deeply: more than {MAX_DEPTH} levels)"
 
 
+# Compressed files are read through the matching stdlib opener, told by their first bytes.
+MAGIC = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+
+
+def open_bytes(path: str):
+    """A binary file object of the file's content, decompressed if it is gzip, bz2 or xz."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    opener = next((o for magic, o in MAGIC.items() if head.startswith(magic)), open)
+    return opener(path, "rb")
+
+
 class RowError(ValueError):
     """A problem with one row: the message names the field."""
 
@@ -28,10 +43,10 @@ class RowError(ValueError):
 def is_json_array(path: str) -> bool:
     """A JSON array (else JSONL), told by its first non-blank byte; an unreadable file is one line."""
     try:
-        with open(path, "rb") as f:
+        with open_bytes(path) as f:
             return f.read(1024).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
-    except OSError as err:
-        raise UserError(f"{path}: cannot read: {err.strerror}")
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise UserError(f"{path}: cannot read: {getattr(err, 'strerror', None) or err}")
 
 
 def too_deep(value, text, start: int = 0, end: int = None) -> bool:
@@ -73,7 +88,7 @@ def iter_json_array(path: str, chunk_chars: int = 1 << 20) -> Iterator[Tuple[int
     """
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8")()  # keeps a character split between two reads
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         buf, pos, eof, undecodable, number = "", 0, False, False, 0
 
         def fail(reason: str):
@@ -141,13 +156,19 @@ def iter_json_array(path: str, chunk_chars: int = 1 << 20) -> Iterator[Tuple[int
 
 
 def read_rows(path: str) -> Iterator[Tuple[int, object]]:
-    """(row number, parsed JSON or a RowError) for a JSONL file or a JSON array."""
-    if is_json_array(path):
-        yield from iter_json_array(path)
-        return
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if number == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if line.strip():
-                yield number, parse_line(line)
+    """(row number, parsed JSON or a RowError) for a JSONL file or a JSON array, either of them
+    possibly gzip, bz2 or xz compressed."""
+    number = 0
+    try:
+        if is_json_array(path):
+            for number, row in iter_json_array(path):
+                yield number, row
+            return
+        with open_bytes(path) as f:
+            for number, line in enumerate(f, start=1):
+                if number == 1:
+                    line = line.removeprefix(codecs.BOM_UTF8)
+                if line.strip():
+                    yield number, parse_line(line)
+    except (EOFError, lzma.LZMAError, gzip.BadGzipFile, OSError) as err:  # a damaged or cut compressed file
+        raise UserError(f"{path}: row {number + 1}: cannot read: {getattr(err, 'strerror', None) or err}")

@@ -13,7 +13,7 @@ from datasets.fingerprint import Hasher
 
 from train.data.batching import pad_batch
 from train.data.formatting import encode
-from train.data.sources import SOURCES
+from train.data.sources import load_source
 from train.data.options import source_options
 from train.errors import UserError
 
@@ -23,16 +23,26 @@ from train.errors import UserError
 # run would train on far less data than the user gave it, so it stops instead.
 MAX_IDENTICAL_SHARE = 0.02
 # Part of the cache key: bump it when the columns written by tokenize() change.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
-def load_examples(cfg, log=print) -> tuple:
-    """(train, test) PreferenceExample lists from every selected source, in config order."""
+def load_examples(cfg, log=print, counts: dict = None) -> tuple:
+    """(train, test) PreferenceExample lists from every selected source, in config order.
+
+    Each example records its source name. Rows that a source's policies skip are logged, and
+    added to `counts` (when given) as "<source>_skipped_<reason>": n.
+    """
     train, test = [], []
     for name, options in cfg.datasets.items():
-        tr, te = SOURCES[name](source_options(name, options), cfg.seed, log)
+        tr, te, skipped = load_source(name, source_options(name, options), log)
+        for example in tr + te:
+            example.source = name
         train += tr
         test += te
+        said = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in sorted(skipped.items()))
+        log(f"datasets.{name}: {len(tr)} training and {len(te)} held-out pairs" + (f"; skipped rows: {said}" if said else ""))
+        if counts is not None:
+            counts.update({f"{name}_{k}": v for k, v in skipped.items()})
     return train, test
 
 
@@ -44,6 +54,7 @@ def _rows(examples) -> dict:
         "rejected": [e.rejected for e in examples],
         "margin": [e.margin for e in examples],
         "subset": [e.subset for e in examples],
+        "source": [e.source for e in examples],
         "index": list(range(len(examples))),
     }
 
@@ -61,7 +72,7 @@ def tokenize(examples, tokenizer, model_cfg, cache_dir: str) -> tuple:
 
     def encode_batch(batch):
         out = {k: [] for k in ("chosen_ids", "rejected_ids", "chosen_types", "rejected_types",
-                               "truncated", "status", "margin", "subset", "index")}
+                               "truncated", "status", "margin", "subset", "source", "index")}
         for i in range(len(batch["index"])):
             prompt = batch["prompt"][i] if batch["prompt"][i] is not None else batch["turns"][i]
             c = encode(tokenizer, prompt, batch["chosen"][i], **opts)
@@ -79,7 +90,7 @@ def tokenize(examples, tokenizer, model_cfg, cache_dir: str) -> tuple:
             out["rejected_types"].append(r.get("token_type_ids"))
             out["truncated"].append(status == "kept" and (c["truncated"] or r["truncated"]))
             out["status"].append(status)
-            for key in ("margin", "subset", "index"):
+            for key in ("margin", "subset", "source", "index"):
                 out[key].append(batch[key][i])
         return out
 
@@ -120,7 +131,8 @@ class Collator:
             types = [r["chosen_types"] for r in rows] + [r["rejected_types"] for r in rows]
         batch = pad_batch(seqs, self.pad_token_id, types)
         batch.update(margin=torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
-                     index=[r["index"] for r in rows], subset=[r["subset"] for r in rows])
+                     index=[r["index"] for r in rows], subset=[r["subset"] for r in rows],
+                     source=[r.get("source", "") for r in rows])
         return batch
 
 

@@ -1,91 +1,47 @@
 """Dataset sources: each turns its config into (train, test) lists of PreferenceExample.
 
-Files are read by train.data.jsonfile (JSONL or a streamed JSON array, as label samples are).
-Every row is checked; a bad row is one line naming file, row and field (UserError), or is skipped
-and counted when the source sets on_error: skip. Rows are numbered from 1: the line of a JSONL
-file, the element of a JSON array. A margin must lie within ±MAX_ABS_MARGIN.
+A data source (every config/datasets YAML but synthetic) reads a local file or dir, or a hub
+dataset (train.data.tables), parses each row in its format (train.data.formats), splits off the
+held-out part, and applies the source's weight and cap. Every row is checked; a bad row is one line
+naming file, row and field (UserError), or is skipped and counted when the source sets
+on_error: skip. Rows that give no pair by a policy (divergent prompts, tied scores, a low SHP score
+ratio) are counted per reason, logged, and reported in the run's metrics.
 """
 import random
-import reprlib
+from collections import Counter
 from typing import Callable
 
 from train.data.example import PreferenceExample
-from train.data.jsonfile import RowError, read_rows
+from train.data.formats import MAX_ABS_MARGIN, Scored, Skip, group_key, make_pairs, parse_row, rename_columns
+from train.data.jsonfile import RowError
+from train.data.tables import has_splits, read_hub, read_path
 from train.errors import UserError
 
-# Margins are in reward units, i.e. logits (the loss is -log σ(s_chosen - s_rejected - margin)): a
-# margin of 20 already asks for a preference probability of 1 - 2e-9. Far larger values are mistakes,
-# and beyond ~3e38 they overflow to inf in fp32 and stop training much later with a non-finite loss.
-MAX_ABS_MARGIN = 1000
-
-
-def text_field(row: dict, name: str) -> str:
-    if name not in row:
-        raise RowError(f"field '{name}': missing")
-    value = row[name]
-    if not isinstance(value, str):
-        raise RowError(f"field '{name}': expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RowError(f"field '{name}': empty text")
-    return value
-
-
-def prompt_field(row: dict, name: str = "prompt"):
-    """A prompt is a non-empty string or a list of {role, content} turns with non-empty content."""
-    value = row.get(name)
-    if isinstance(value, list):
-        if not value or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
-                                and isinstance(t.get("content"), str) for t in value):
-            raise RowError(f"field '{name}': a list must hold {{role, content}} turns of strings")
-        for number, turn in enumerate(value, start=1):  # the rule for a prompt string, per turn
-            if not turn["content"].strip():
-                raise RowError(f"field '{name}': turn {number} has empty content")
-        return value
-    return text_field(row, name)
+# The held-out part of a source without a test split is drawn with this seed, not the training
+# seed, so the jobs of a seed sweep are all scored on the same held-out pairs.
+SPLIT_SEED = 0
 
 
 def preference_row(row) -> PreferenceExample:
-    """{prompt, chosen, rejected[, margin, subset]} -> PreferenceExample."""
-    if not isinstance(row, dict):
-        raise RowError(f"expected a JSON object, got {type(row).__name__}")
-    prompt, chosen, rejected = prompt_field(row), text_field(row, "chosen"), text_field(row, "rejected")
-    if chosen == rejected:
-        raise RowError("field 'rejected': identical to 'chosen'")
-    margin = row.get("margin")
-    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))):
-        raise RowError(f"field 'margin': expected a number, got {type(margin).__name__}")
-    if margin is not None and not abs(margin) <= MAX_ABS_MARGIN:  # also NaN and Infinity, which json reads
-        raise RowError(f"field 'margin': expected a number from -{MAX_ABS_MARGIN} to {MAX_ABS_MARGIN} "
-                       f"(reward units), got {reprlib.repr(margin)}")
-    subset = row.get("subset", "default")
-    if not isinstance(subset, str):
-        raise RowError(f"field 'subset': expected a string, got {type(subset).__name__}")
-    extra = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "margin", "subset")}
-    return PreferenceExample(prompt, chosen, rejected, None if margin is None else float(margin), subset, extra)
+    """A {prompt, chosen, rejected[, margin, subset]} row -> PreferenceExample (format standard)."""
+    return _one(row, "standard")
 
 
 def feedback_row(row) -> PreferenceExample:
     """A pairwise_feedback row written by `python -m train.label` -> PreferenceExample."""
-    if not isinstance(row, dict):
-        raise RowError(f"expected a JSON object, got {type(row).__name__}")
-    if row.get("type") != "pairwise_feedback":
-        raise RowError(f"field 'type': expected 'pairwise_feedback', got {row.get('type')!r} "
-                       "(train on pairwise feedback; binary/scalar files have no pairs)")
-    prompt, a, b = prompt_field(row), text_field(row, "output_A"), text_field(row, "output_B")
-    label = row.get("label")
-    if label not in (0, 1) or isinstance(label, bool):
-        raise RowError(f"field 'label': expected 0 or 1, got {label!r}")
-    if a == b:
-        raise RowError("field 'output_B': identical to 'output_A'")
-    chosen, rejected = (a, b) if label == 1 else (b, a)
-    extra = {k: row[k] for k in ("prompt_id", "reward_difference") if k in row}
-    return PreferenceExample(prompt, chosen, rejected, None, "feedback", extra)
+    return _one(row, "feedback")
+
+
+def _one(row, format_name: str) -> PreferenceExample:
+    (example,) = parse_row(row, format_name, "default", None)
+    return example
 
 
 def read_file(path: str, parse: Callable, on_error: str, log=print) -> list:
-    """All good rows of a file; bad rows raise one-line UserErrors or are skipped and counted."""
+    """All good rows of a local file, each parsed by parse(row); bad rows raise one-line
+    UserErrors or are skipped and counted."""
     examples, skipped = [], 0
-    for number, row in read_rows(path):
+    for number, row in read_path(path):
         try:
             if isinstance(row, RowError):
                 raise row
@@ -101,34 +57,119 @@ def read_file(path: str, parse: Callable, on_error: str, log=print) -> list:
     return examples
 
 
-def file_source(options, parse: Callable, seed: int, log=print) -> tuple:
-    if options.on_error not in ("raise", "skip"):
-        raise UserError(f"on_error must be 'raise' or 'skip', got '{options.on_error}'")
-    train = read_file(options.path, parse, options.on_error, log)
+def parse_rows(where: str, rows, subset: str, options, counts: Counter) -> dict:
+    """Numbered rows -> {split value (options.split_column) or None: [unit, ...]}, where a unit is
+    the list of pairs of one row, or of one prompt for scored responses on rows of their own."""
+    units, groups = {}, {}
+    for number, row in rows:
+        try:
+            if isinstance(row, RowError):
+                raise row
+            row = rename_columns(row, options.columns)
+            key = None
+            if options.split_column:
+                key = row.get(options.split_column) if isinstance(row, dict) else None
+                if key not in (options.split, options.test_split):
+                    raise RowError(f"field '{options.split_column}': expected '{options.split}' or "
+                                   f"'{options.test_split}', got {key!r:.40}")
+            out = parse_row(row, options.format, subset, options)
+        except RowError as err:
+            if options.on_error != "skip":
+                raise UserError(f"{where}: row {number}: {err}")
+            counts["skipped_bad_rows"] += 1
+            continue
+        if isinstance(out, Skip):
+            counts[f"skipped_{out.reason}"] += 1
+        elif isinstance(out, Scored):
+            groups.setdefault((key, group_key(out.prompt)), []).append(out)
+        else:
+            units.setdefault(key, []).append(out)
+    rng = random.Random(SPLIT_SEED)
+    for (key, _), items in groups.items():
+        pairs = make_pairs(items, options, rng)
+        if pairs:
+            units.setdefault(key, []).append(pairs)
+        else:
+            counts["skipped_no_pair"] += len(items)  # one response, or all tied / within min_score_gap
+    return units
+
+
+def data_source(name: str, options, log=print) -> tuple:
+    """(train, test) pairs of one data source, and its counts of skipped rows by reason."""
+    counts, subset = Counter(), options.subset or "default"
+    parts = []  # (where, rows, subset, role): role is train, test or both (split below)
+    if options.path:
+        with_splits = options.test_split and has_splits(options.path)
+        role = "train" if (options.test_path or with_splits) else "both"
+        parts.append((options.path, read_path(options.path, options.split, options.format), subset, role))
+        if with_splits and not options.test_path:
+            parts.append((f"{options.path} split {options.test_split}",
+                          read_path(options.path, options.test_split), subset, "test"))
+    else:
+        for data_dir in options.subsets or [None]:
+            sub = data_dir if data_dir and not options.subset else subset
+            where = options.hub + (f"/{data_dir}" if data_dir else "")
+            role = "train" if (options.test_path or options.test_split and not options.split_column) else "both"
+            parts.append((f"{where} split {options.split}",
+                          read_hub(options.hub, options.name, data_dir, options.revision, options.split), sub, role))
+            if role == "train" and not options.test_path:
+                parts.append((f"{where} split {options.test_split}",
+                              read_hub(options.hub, options.name, data_dir, options.revision, options.test_split),
+                              sub, "test"))
     if options.test_path:
-        return train, read_file(options.test_path, parse, options.on_error, log)
-    if not 0 < options.test_fraction < 1:
-        raise UserError(f"test_fraction must be in (0, 1) without a test_path, got {options.test_fraction}")
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)  # a seeded split: the same held-out rows on every run
-    n_test = max(1, int(len(train) * options.test_fraction))
-    test_ids = set(order[:n_test])
-    return ([e for i, e in enumerate(train) if i not in test_ids],
-            [e for i, e in enumerate(train) if i in test_ids])
+        parts.append((options.test_path, read_path(options.test_path, layout=options.format), subset, "test"))
+    train, test, pooled = [], [], []
+    for where, rows, sub, role in parts:
+        units = parse_rows(where, rows, sub, options, counts)
+        if options.split_column:
+            train += units.get(options.split, [])
+            test += units.get(options.test_split, [])
+        else:
+            {"train": train, "test": test, "both": pooled}[role].extend(units.get(None, []))
+    if pooled:
+        if not 0 < options.test_fraction < 1 and not test:
+            raise UserError(f"datasets.{name}: test_fraction must be in (0, 1) without a test split or test_path, "
+                            f"got {options.test_fraction}")
+        held = held_out(len(pooled), options.test_fraction) if not test else set()
+        train += [u for i, u in enumerate(pooled) if i not in held]
+        test += [u for i, u in enumerate(pooled) if i in held]
+    train, test = [e for unit in train for e in unit], [e for unit in test for e in unit]
+    if not train and not test:
+        raise UserError(f"datasets.{name}: no usable rows in {', '.join(p[0] for p in parts)}")
+    return reweigh(train, options.weight, options.max_examples), test, dict(counts)
 
 
-def synthetic_source(options, seed: int, log=print) -> tuple:
+def held_out(n_units: int, fraction: float) -> set:
+    """The seeded held-out units: whole rows, or whole prompts for scored responses."""
+    order = list(range(n_units))
+    random.Random(SPLIT_SEED).shuffle(order)
+    return set(order[:max(1, int(n_units * fraction))])
+
+
+def reweigh(examples: list, weight: float, cap) -> list:
+    """weight x the pairs (whole copies, plus a seeded sample for the fraction), then at most cap."""
+    n = round(weight * len(examples))
+    if cap is not None:
+        n = min(n, cap)
+    if n == len(examples) or not examples:
+        return examples
+    rng = random.Random(SPLIT_SEED)
+    copies, rest = divmod(n, len(examples))
+    return examples * copies + [examples[i] for i in sorted(rng.sample(range(len(examples)), rest))]
+
+
+def synthetic_source(options, log=print) -> tuple:
     from train.data.synthetic import synthetic_examples
     subsets = list(options.subsets) if options.subsets else None
     try:
         return (synthetic_examples("train", options.n_train, options.seed, subsets),
-                synthetic_examples("test", options.n_test, options.seed, subsets))
+                synthetic_examples("test", options.n_test, options.seed, subsets), {})
     except ValueError as err:
         raise UserError(f"datasets.synthetic: {err}")
 
 
-SOURCES = {
-    "synthetic": synthetic_source,
-    "jsonl": lambda options, seed, log=print: file_source(options, preference_row, seed, log),
-    "feedback": lambda options, seed, log=print: file_source(options, feedback_row, seed, log),
-}
+def load_source(name: str, options, log=print) -> tuple:
+    """(train, test, counts) of datasets.<name>, with its options already checked."""
+    if name == "synthetic":
+        return synthetic_source(options, log)
+    return data_source(name, options, log)

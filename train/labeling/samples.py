@@ -8,7 +8,7 @@ the same rule as a training prompt.
 from typing import Iterator, Optional, Tuple
 
 from train.data.jsonfile import RowError, read_rows
-from train.data.sources import prompt_field, text_field
+from train.data.formats import prompt_field, text_field
 from train.errors import UserError
 
 
