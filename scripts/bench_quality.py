@@ -140,12 +140,12 @@ def child(args):
     print("RESULT " + json.dumps(result))
 
 
-def run_child(which: str, args, train_file: str, test_file: str, truncation: str = "keep_end") -> dict:
+def run_child(which: str, args, train_file: str, test_file: str, truncation: str = "keep_end", seed: int = 0) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     argv = [sys.executable, __file__, "--child", which, "--train_file", train_file, "--test_file", test_file,
             "--child_truncation", truncation, "--max_length", str(args.max_length), "--batch_size",
             str(args.batch_size), "--lr", str(args.lr), "--epochs", str(args.epochs), "--warmup", str(args.warmup),
-            "--seed", str(args.seed)]
+            "--seed", str(seed)]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -162,7 +162,8 @@ def add_arguments(parser):
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--warmup", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds (model head init and data order); the split stays fixed")
     parser.add_argument("--truncation", nargs="+", default=["keep_end", "keep_start"],
                         help="the harness's response truncation policies to run")
     parser.add_argument("--no_trl", action="store_true", help="skip TRL's RewardTrainer")
@@ -178,23 +179,31 @@ def run(args) -> dict:
             lines = open(train_file).readlines()[:args.quality_train_pairs]
             open(train_file, "w").writelines(lines)
             n_train = len(lines)
-        results = [run_child("ours", args, train_file, test_file, t) for t in args.truncation]
-        if not args.no_trl:
-            results.append(run_child("trl", args, train_file, test_file))
+        results = []
+        for seed in args.seeds:  # interleaved, so a change in machine load hits both alike
+            for t in args.truncation:
+                results.append(dict(run_child("ours", args, train_file, test_file, t, seed), seed=seed))
+            if not args.no_trl:
+                results.append(dict(run_child("trl", args, train_file, test_file, seed=seed), seed=seed))
     print(f"quality: {os.path.basename(args.real_data)}, {n_train} training pairs, {args.test_pairs} held out "
           f"(skipped rows: {counts}); MiniLM, max_length {args.max_length}, batch {args.batch_size}, lr {args.lr}, "
-          f"{args.epochs} epoch(s), warmup {args.warmup}, seed {args.seed}")
-    print("| trainer | held-out accuracy | 95% CI | train s |\n|---|---|---|---|")
+          f"{args.epochs} epoch(s), warmup {args.warmup}")
+    print("| trainer | seed | held-out accuracy | 95% CI | train s |\n|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['trainer']} | error: {r['error']} | | |")
+            print(f"| {r['trainer']} | {r['seed']} | error: {r['error']} | | |")
             continue
         low, high = wilson(round(r["accuracy"] * r["n_test"]), r["n_test"])
         r["ci95"] = [low, high]
-        print(f"| {r['trainer']} | {r['accuracy']:.3f} | {low:.3f}-{high:.3f} | {r.get('seconds') or 0:.0f} |")
+        print(f"| {r['trainer']} | {r['seed']} | {r['accuracy']:.3f} | {low:.3f}-{high:.3f} | {r.get('seconds') or 0:.0f} |")
+    for name in dict.fromkeys(r["trainer"] for r in results if "error" not in r):
+        accs = [r["accuracy"] for r in results if r.get("trainer") == name and "error" not in r]
+        if len(accs) > 1:
+            print(f"| {name} | mean of {len(accs)} | {sum(accs) / len(accs):.3f} | | |")
     return {"quality": results, "quality_setup": {"train_pairs": n_train, "test_pairs": args.test_pairs,
                                                   "max_length": args.max_length, "batch_size": args.batch_size,
-                                                  "lr": args.lr, "epochs": args.epochs, "skipped": counts}}
+                                                  "lr": args.lr, "epochs": args.epochs, "seeds": args.seeds,
+                                                  "skipped": counts}}
 
 
 def main(argv=None):
@@ -202,6 +211,7 @@ def main(argv=None):
     add_arguments(parser)
     parser.add_argument("--child", choices=["ours", "trl"])
     parser.add_argument("--child_truncation", default="keep_end")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train_file")
     parser.add_argument("--test_file")
     args = parser.parse_args(argv)

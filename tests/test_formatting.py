@@ -46,8 +46,10 @@ def test_max_prompt_length_caps_the_prompt():
 def test_overlong_response_keeps_its_end():
     t = tok()
     response = " ".join(f"r{i}" for i in range(60)) + " final"
-    out = encode(t, "q", response, 16, 8)
+    out = encode(t, "q", response, 16, 8, truncation="keep_end")
     assert len(out["input_ids"]) == 16 and "final" in t.decode(out["input_ids"])
+    out = encode(t, "q", response, 16, 8)  # the default: keep_start
+    assert len(out["input_ids"]) == 16 and "r0 r1" in t.decode(out["input_ids"]) and "final" not in t.decode(out["input_ids"])
 
 
 def test_drop_policy_returns_none_when_it_does_not_fit():

@@ -15,7 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
 from train.checks import check_ranges, check_type, suggest
-from train.data.formatting import TRUNCATION_POLICIES
+from train.data.formatting import DEFAULT_TRUNCATION, TRUNCATION_POLICIES
 from train.data.options import checked_source_options, schema_of
 from train.errors import UserError, storage_error
 from train.resolvers import register_resolvers
@@ -38,7 +38,7 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16; CPUs here have no fast bf16
     max_length: int = 256  # tokens in prompt + response, special tokens included
     max_prompt_length: int = 128  # tokens kept of the prompt (cut from the left)
-    truncation: str = "cut_prompt_left"  # cut_prompt_left | drop (see train/data/formatting.py)
+    truncation: str = DEFAULT_TRUNCATION  # keep_start | keep_end | drop: see train/data/formatting.py
     attn_implementation: Optional[str] = None  # e.g. sdpa, flash_attention_2; None -> library default
     activation_checkpointing: bool = False  # trade compute for memory; off: slower on CPU
     disable_dropout: bool = True  # dropout halves CPU speed and adds noise to the scalar reward

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="Hydra-style overrides as launch.py takes them: datasets=[jsonl] "
                         "++datasets.jsonl.path=FILE, model.max_length=512, model.max_prompt_length, "
-                        "model.truncation, model.dtype, seed (the data split), cache_dir (where "
+                        "model.truncation, model.dtype, seed, cache_dir (where "
                         "tokenised pairs are cached), n_eval_examples (with --eval_subset)")
     p.add_argument("--reward_model_path", required=True,
                    help="a run's FINAL dir, a checkpoint dir (RUN/checkpoints/step-N) or an HF classifier dir")

@@ -17,14 +17,14 @@ from safetensors.torch import load_model
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from train.data.batching import pad_batch
-from train.data.formatting import encode
+from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.errors import UserError
 from train.labeling.samples import read_samples
 from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, prepare_tokenizer
 
 CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
 # Used only for a plain classifier dir with no training run: HALOs' labeler defaults.
-PLAIN_DEFAULTS = {"max_length": 2048, "max_prompt_length": 1024, "truncation": "cut_prompt_left"}
+PLAIN_DEFAULTS = {"max_length": 2048, "max_prompt_length": 1024, "truncation": DEFAULT_TRUNCATION}
 
 
 def run_config(path: str):
@@ -127,7 +127,7 @@ def encode_sample(tokenizer, prompt, output, fmt: dict) -> dict:
     """Token ids of one sample, by the training function; a sample that training would drop is cut."""
     enc = encode(tokenizer, prompt, output, **fmt)
     if enc is None:  # truncation="drop" at training: a sample to label cannot be dropped, so cut it
-        enc = encode(tokenizer, prompt, output, **{**fmt, "truncation": "cut_prompt_left"})
+        enc = encode(tokenizer, prompt, output, **{**fmt, "truncation": DEFAULT_TRUNCATION})
     return enc
 
 
