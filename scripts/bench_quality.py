@@ -83,7 +83,7 @@ def ours(args, train_file: str, test_file: str, workdir: str) -> dict:
     n = metrics["n_pairs"]
     correct = round(metrics["accuracy"] * n)
     return {"trainer": f"ours ({args.child_truncation})", "accuracy": correct / n, "n_test": n,
-            "truncated_train": metrics.get("data_train_truncated"), "dropped": metrics.get("data_test_dropped", 0),
+            "truncated_train": metrics.get("data_train_truncated"), "dropped_train": metrics.get("data_train_dropped", 0),
             "seconds": seconds}
 
 
@@ -188,18 +188,19 @@ def run(args) -> dict:
     print(f"quality: {os.path.basename(args.real_data)}, {n_train} training pairs, {args.test_pairs} held out "
           f"(skipped rows: {counts}); MiniLM, max_length {args.max_length}, batch {args.batch_size}, lr {args.lr}, "
           f"{args.epochs} epoch(s), warmup {args.warmup}")
-    print("| trainer | seed | held-out accuracy | 95% CI | train s |\n|---|---|---|---|---|")
+    print("| trainer | seed | held-out accuracy | 95% CI | training pairs dropped | train s |\n|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['trainer']} | {r['seed']} | error: {r['error']} | | |")
+            print(f"| {r['trainer']} | {r['seed']} | error: {r['error']} | | | |")
             continue
         low, high = wilson(round(r["accuracy"] * r["n_test"]), r["n_test"])
         r["ci95"] = [low, high]
-        print(f"| {r['trainer']} | {r['seed']} | {r['accuracy']:.3f} | {low:.3f}-{high:.3f} | {r.get('seconds') or 0:.0f} |")
+        print(f"| {r['trainer']} | {r['seed']} | {r['accuracy']:.3f} | {low:.3f}-{high:.3f} | "
+              f"{r.get('dropped_train', 0)} | {r.get('seconds') or 0:.0f} |")
     for name in dict.fromkeys(r["trainer"] for r in results if "error" not in r):
         accs = [r["accuracy"] for r in results if r.get("trainer") == name and "error" not in r]
         if len(accs) > 1:
-            print(f"| {name} | mean of {len(accs)} | {sum(accs) / len(accs):.3f} | | |")
+            print(f"| {name} | mean of {len(accs)} | {sum(accs) / len(accs):.3f} | | | |")
     return {"quality": results, "quality_setup": {"train_pairs": n_train, "test_pairs": args.test_pairs,
                                                   "max_length": args.max_length, "batch_size": args.batch_size,
                                                   "lr": args.lr, "epochs": args.epochs, "seeds": args.seeds,
