@@ -1,5 +1,6 @@
 """launch.py end to end: run dir contract, FINAL loads in plain transformers, 2 processes == 1."""
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -18,6 +19,10 @@ def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(s
                  "FINAL/tokenizer.json", "FINAL/metrics.json", "plots/loss.png", "plots/accuracy.png",
                  "plots/margin.png", "generated_predictions.jsonl"):
         assert (run / path).is_file(), path
+    mask = os.umask(0)
+    os.umask(mask)  # the tests' runs inherit it: FINAL's weights are as readable as any file they write
+    for path in (run / "FINAL").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
     cfg = OmegaConf.load(run / "config.yaml")
     assert cfg.model.init_config.model_type == "llama" and "${" not in (run / "config.yaml").read_text()
 

@@ -57,9 +57,23 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
+def share_like_umask(directory: str):
+    """Give the files in a dir the mode a plain open() would (0666 less the umask). transformers 5's
+    save_pretrained writes model.safetensors as 0600, which hides a FINAL from the other users of
+    a shared cluster, while its config and tokenizer files are readable."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def publish_dir(tmp_dir: str, final_dir: str):
     """Marker last, then one rename: a reader sees either nothing or a complete dir. An existing
     final_dir is moved aside first and deleted after, so it is never missing or half-deleted."""
+    share_like_umask(tmp_dir)
     write_text(os.path.join(tmp_dir, MARKER), "")
     old = None
     if os.path.exists(final_dir):
