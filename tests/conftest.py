@@ -72,6 +72,18 @@ def metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def main_in_process(main, capsys, *args) -> tuple:
+    """An entry point's main(argv) run in this process: (exit code, stdout, stderr) of that call."""
+    code = 0
+    capsys.readouterr()  # what the test printed before is not the command's
+    try:
+        main([str(a) for a in args])
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def final_metrics(run_dir):
     return json.loads((Path(run_dir) / "FINAL" / "metrics.json").read_text())
 

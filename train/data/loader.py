@@ -34,7 +34,7 @@ def load_examples(cfg, log=print, counts: dict = None) -> tuple:
     """
     train, test = [], []
     for name, options in cfg.datasets.items():
-        tr, te, skipped = load_source(name, source_options(name, options), log)
+        tr, te, skipped = load_source(name, source_options(name, options))
         for example in tr + te:
             example.source = name
         train += tr

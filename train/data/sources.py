@@ -9,11 +9,11 @@ ratio) are counted per reason, logged, and reported in the run's metrics.
 """
 import random
 from collections import Counter
-from typing import Callable
 
 from train.data.example import PreferenceExample
 from train.data.formats import MAX_ABS_MARGIN, Scored, Skip, group_key, make_pairs, parse_row, rename_columns
 from train.data.jsonfile import RowError
+from train.data.options import DataSource
 from train.data.tables import has_splits, read_hub, read_path
 from train.errors import UserError
 
@@ -24,34 +24,19 @@ SPLIT_SEED = 0
 
 def preference_row(row) -> PreferenceExample:
     """A {prompt, chosen, rejected[, margin, subset]} row -> PreferenceExample (format standard)."""
-    return _one(row, "standard")
-
-
-def feedback_row(row) -> PreferenceExample:
-    """A pairwise_feedback row written by `python -m train.label` -> PreferenceExample."""
-    return _one(row, "feedback")
-
-
-def _one(row, format_name: str) -> PreferenceExample:
-    (example,) = parse_row(row, format_name, "default", None)
+    (example,) = parse_row(row, "standard", "default", None)
     return example
 
 
-def read_file(path: str, parse: Callable, on_error: str, log=print) -> list:
-    """All good rows of a local file, each parsed by parse(row); bad rows raise one-line
-    UserErrors or are skipped and counted."""
-    examples, skipped = [], 0
-    for number, row in read_path(path):
-        try:
-            if isinstance(row, RowError):
-                raise row
-            examples.append(parse(row))
-        except RowError as err:
-            if on_error != "skip":
-                raise UserError(f"{path}: row {number}: {err}")
-            skipped += 1
-    if skipped:
-        log(f"{path}: skipped {skipped} bad rows (on_error=skip)")
+def read_file(path: str, format_name: str = "auto", on_error: str = "raise", log=print) -> list:
+    """All good rows of one local file in a format, read and checked exactly as a data source reads
+    them (parse_rows); bad rows raise one-line UserErrors or are skipped and counted."""
+    options = DataSource(path=path, format=format_name, on_error=on_error)
+    counts = Counter()
+    units = parse_rows(path, read_path(path, layout=format_name), "default", options, counts)
+    if counts["skipped_bad_rows"]:
+        log(f"{path}: skipped {counts['skipped_bad_rows']} bad rows (on_error=skip)")
+    examples = [e for unit in units.get(None, []) for e in unit]
     if not examples:
         raise UserError(f"{path}: no usable rows")
     return examples
@@ -94,7 +79,7 @@ def parse_rows(where: str, rows, subset: str, options, counts: Counter) -> dict:
     return units
 
 
-def data_source(name: str, options, log=print) -> tuple:
+def data_source(name: str, options) -> tuple:
     """(train, test) pairs of one data source, and its counts of skipped rows by reason."""
     counts, subset = Counter(), options.subset or "default"
     parts = []  # (where, rows, subset, role): role is train, test or both (split below)
@@ -158,7 +143,7 @@ def reweigh(examples: list, weight: float, cap) -> list:
     return examples * copies + [examples[i] for i in sorted(rng.sample(range(len(examples)), rest))]
 
 
-def synthetic_source(options, log=print) -> tuple:
+def synthetic_source(options) -> tuple:
     from train.data.synthetic import synthetic_examples
     subsets = list(options.subsets) if options.subsets else None
     try:
@@ -168,8 +153,8 @@ def synthetic_source(options, log=print) -> tuple:
         raise UserError(f"datasets.synthetic: {err}")
 
 
-def load_source(name: str, options, log=print) -> tuple:
+def load_source(name: str, options) -> tuple:
     """(train, test, counts) of datasets.<name>, with its options already checked."""
     if name == "synthetic":
-        return synthetic_source(options, log)
-    return data_source(name, options, log)
+        return synthetic_source(options)
+    return data_source(name, options)
