@@ -130,6 +130,8 @@ def test_file_types_and_save_to_disk_read_the_same_pairs(tmp_path):
         got = everything(*load("datasets=[jsonl]", f"++datasets.jsonl.path={path}"))
         expected = expected or got
         assert got == expected and len(got) == 10, name
+    # reading them hid datasets' progress bars only while it read: tokenizing and downloads keep theirs
+    assert datasets.utils.logging.is_progress_bar_enabled()
     # A DatasetDict's named splits are the train and held-out parts.
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:7]), "test": datasets.Dataset.from_list(rows[7:])}
                          ).save_to_disk(str(tmp_path / "dict"))

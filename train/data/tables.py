@@ -8,9 +8,12 @@ reader names the row in one line for both and streams a JSON array instead of lo
 
 Rows are numbered from 1 (for JSONL: the line), so an error names file, row and field.
 """
+import contextlib
 import json
 import os
 from typing import Iterator, Tuple
+
+import datasets
 
 from train.data.jsonfile import read_rows
 from train.errors import UserError
@@ -27,10 +30,18 @@ def file_type(path: str) -> str:
     return suffix
 
 
-def _datasets():
-    import datasets
-    datasets.disable_progress_bars()  # a progress bar per tiny local file is noise; the run has its own
-    return datasets
+@contextlib.contextmanager
+def _quiet():
+    """No datasets progress bars while a local file is read (a bar per small file is noise); the
+    setting is restored after, so tokenizing and hub downloads keep theirs."""
+    from datasets.utils import logging as ds_logging
+    bars = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
 
 
 def _numbered(ds) -> Iterator[Tuple[int, dict]]:
@@ -53,7 +64,8 @@ def read_path(path: str, split: str = "train", layout: str = None) -> Iterator[T
                         f".parquet, .csv or .tsv (optionally {', '.join(COMPRESSIONS)}), or a save_to_disk dir")
     extra = {"delimiter": "\t"} if kind == ".tsv" else {}
     try:
-        ds = _datasets().load_dataset(BUILDERS[kind], data_files=os.path.abspath(path), split="train", **extra)
+        with _quiet():
+            ds = datasets.load_dataset(BUILDERS[kind], data_files=os.path.abspath(path), split="train", **extra)
     except Exception as err:  # pyarrow's and pandas' errors: the first line says what is wrong
         raise UserError(f"{path}: cannot read as {kind[1:]}: {_first_line(err)}")
     return _numbered(ds)
@@ -66,10 +78,11 @@ def has_splits(path: str) -> bool:
 
 def _disk_split(path: str, split: str):
     try:
-        data = _datasets().load_from_disk(path)
+        with _quiet():
+            data = datasets.load_from_disk(path)
     except Exception as err:
         raise UserError(f"{path}: not a dir written by datasets' save_to_disk: {_first_line(err)}")
-    if isinstance(data, _datasets().DatasetDict):
+    if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise UserError(f"{path}: no split '{split}' (it has: {', '.join(data)})")
         return data[split]
@@ -80,7 +93,7 @@ def read_hub(hub: str, name, data_dir, revision, split: str) -> Iterator[Tuple[i
     """Numbered rows of a hub dataset split, from the local HF cache (or the hub when online)."""
     where = hub + (f" ({name})" if name else "") + (f" data_dir {data_dir}" if data_dir else "")
     try:
-        ds = _datasets().load_dataset(hub, name, data_dir=data_dir, revision=revision, split=split)
+        ds = datasets.load_dataset(hub, name, data_dir=data_dir, revision=revision, split=split)
     except ValueError as err:  # e.g. an unknown split: datasets says which exist
         raise UserError(f"{where}: {_first_line(err)}")
     except Exception as err:  # offline and not cached: ConnectionError, LocalEntryNotFoundError, ...
