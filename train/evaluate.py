@@ -36,7 +36,7 @@ from train.build import fixed_eval_indices
 from train.checks import check_ranges
 from train.config import RANGES, check_overrides, register
 from train.data.formatting import TRUNCATION_POLICIES
-from train.data.loader import Collator, load_examples, select, tokenize
+from train.data.loader import Collator, load_examples, model_inputs, select, tokenize
 from train.data.options import checked_source_options
 from train.errors import UserError, exit_with_error, storage_error
 from train.labeling.scoring import load_reward_model, model_kind, run_config, settings
@@ -254,7 +254,7 @@ def score_pairs(model, tokenizer, ds, indices: list, accelerator, batch_size: in
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     rows = select(ds, indices[rank::world])
     rows.sort(key=lambda r: -len(r["chosen_ids"]) - len(r["rejected_ids"]))  # minimal padding
-    collate = Collator(tokenizer.pad_token_id)
+    collate = Collator(tokenizer.pad_token_id, model.enable_packing(), share_prompt=True)  # as training packs
     model = model.to(device)
     bar = tqdm(total=len(indices), desc="scoring", unit="pair", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
@@ -262,8 +262,7 @@ def score_pairs(model, tokenizer, ds, indices: list, accelerator, batch_size: in
     for i in range(0, len(rows), batch_size):
         part = rows[i:i + batch_size]
         batch = collate(part)
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        scores = model(**inputs).float().tolist()
+        scores = model(**model_inputs(batch, device)).float().tolist()
         for j, row in enumerate(part):
             chosen_len, rejected_len = report.response_lengths(row["chosen_ids"], row["rejected_ids"])
             pairs.append({"index": row["index"], "source": row.get("source", ""), "subset": row["subset"],

@@ -53,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--num_workers", type=int, default=None,
                    help="processes that read and encode samples while the model scores; default: 1 on a "
                         "GPU or when torch leaves a CPU core free, else 0")
+    p.add_argument("--packing", choices=["on", "off"], default="on",
+                   help="on: no padding, where the model allows it (train/data/packing.py)")
+    p.add_argument("--share_prompt", choices=["on", "off"], default="on",
+                   help="on: decoders compute the prompt shared by a prompt_id's samples once (needs packing)")
     p.add_argument("--seed", type=int, default=0, help="pairwise: random pairing and A/B order")
     p.add_argument("--split", default=None, help="label only samples whose 'split' field is this")
     p.add_argument("--trust_remote_code", action="store_true",
@@ -134,8 +138,8 @@ def score_all(args, scorer: Scorer, accelerator, partial, total: int, done: int)
                                          worker_init_fn=die_with_parent)
     bar = tqdm(total=total, initial=done, unit="sample", desc="labeling", disable=not main, dynamic_ncols=True)
     truncated = 0
-    for size, rows, encoded, cut in loader:
-        rewards = scorer.score_encoded(encoded)
+    for size, rows, encoded, cut, prompt_ids in loader:
+        rewards = scorer.score_encoded(encoded, prompt_ids)
         everything = gather_object(list(zip(rows, rewards)))
         truncated += cut
         if main:
@@ -226,7 +230,7 @@ def label(args):
     done = [partial.resume(log) if main else 0]
     broadcast_object_list(done)  # every process skips the same samples
     scorer = Scorer(model, tokenizer, setup["max_length"], setup["max_prompt_length"], setup["truncation"],
-                    args.batch_size, accelerator.device)
+                    args.batch_size, accelerator.device, args.packing == "on", args.share_prompt == "on")
     log(f"labeling {total} samples from {args.samples_path} with {accelerator.num_processes} process(es); "
         f"max_length {setup['max_length']}, max_prompt_length {setup['max_prompt_length']}")
     truncated = sum(gather_object([score_all(args, scorer, accelerator, partial, total, done[0])]))

@@ -7,6 +7,7 @@ with pad_token_id; that reads the wrong position when pad == eos and a text ends
 those heads we read the hidden state at the last position where attention_mask is 1, which is
 right for any padding. Encoder heads (BERT) pool the first token and need no such care.
 """
+import inspect
 import os
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from train import atomic
+from train import atomic, attention
 from train.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -140,8 +141,32 @@ class AutoModelForBradleyTerry(nn.Module):
                     setattr(hf_model.config, key, 0.0)
         return cls(hf_model)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def packing(self):
+        """(causal, reward_at) if this model can take packed batches (train/data/packing.py), else
+        None. It needs pluggable attention (train/attention.py) and a head we can apply to the
+        reward tokens alone: a decoder's per-position `score`, or a BERT-style pooler + classifier."""
+        hf = self.hf_model
+        if not attention.can_pack(hf):
+            return None
+        if self.pools_last_token:
+            return True, "last"
+        if getattr(hf.base_model, "pooler", None) is not None and isinstance(getattr(hf, "classifier", None), nn.Linear):
+            return False, "first"
+        return None
+
+    def enable_packing(self):
+        """Switches attention to train/attention.py's (plain sdpa for padded batches) when the model
+        can pack; returns packing()."""
+        spec = self.packing()
+        if spec is not None:
+            self.hf_model.set_attn_implementation(attention.NAME)
+        return spec
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                reward_index=None, spans=None) -> torch.Tensor:
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        if spans is not None:
+            return self._packed_forward(input_ids, position_ids, reward_index, spans, extra)
         if not self.pools_last_token:
             logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
             return logits[:, 1]
@@ -149,6 +174,20 @@ class AutoModelForBradleyTerry(nn.Module):
         last = last_token_index(attention_mask)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.hf_model.score(pooled)[:, 1]
+
+    def _packed_forward(self, input_ids, position_ids, reward_index, spans, extra) -> torch.Tensor:
+        """Rewards of one packed row: one forward, then the head on the reward tokens only."""
+        spans.calls = 0
+        hidden = self.hf_model.base_model(input_ids=input_ids, position_ids=position_ids, spans=spans,
+                                          **extra).last_hidden_state
+        if spans.calls == 0:  # the model did not hand `spans` to its attention: its rewards would be wrong
+            raise UserError(f"{type(self.hf_model).__name__} does not pass keyword arguments to its attention "
+                            "layers, so it cannot take packed batches: set packing=false")
+        picked = hidden[0, reward_index]
+        if self.pools_last_token:
+            return self.hf_model.score(picked)[:, 1]
+        pooled = self.hf_model.base_model.pooler(picked[:, None])  # BERT's pooler reads position 0
+        return self.hf_model.classifier(self.hf_model.dropout(pooled))[:, 1]
 
     def save_pretrained(self, path: str, **kwargs):
         self.hf_model.save_pretrained(path, safe_serialization=True, **kwargs)

@@ -31,7 +31,7 @@ from transformers import get_scheduler
 
 from train import atomic, checkpoint, faults, report
 from train.checks import check_type, suggest
-from train.data.loader import Collator, epoch_order, select
+from train.data.loader import Collator, epoch_order, model_inputs, select
 from train.errors import UserError, storage_error
 from train.losses import bradley_terry_loss, hinge_loss, pair_metrics, smoothed_bradley_terry_loss
 from train.models import AutoModelForBradleyTerry
@@ -171,8 +171,14 @@ class BasicTrainer(abc.ABC):
         self.scheduler = get_scheduler(cfg.scheduler, optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup * self.total_steps),
                                        num_training_steps=self.total_steps)
+        packing = self._packing(model)
+        if cfg.compile:  # in place: the state dict keeps its names, so checkpoints are unchanged
+            model.hf_model.base_model.compile(dynamic=True)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.collate = Collator(tokenizer.pad_token_id)
+        self.collate = Collator(tokenizer.pad_token_id, packing, cfg.share_prompt)
+        self.lengths = None  # for length grouping: a pair's chosen + rejected tokens
+        if cfg.length_grouping:
+            self.lengths = [len(c) + len(r) for c, r in zip(train_ds["chosen_ids"], train_ds["rejected_ids"])]
         self.state = checkpoint.TrainState()
         if resume_from:
             self._resume(resume_from)
@@ -211,8 +217,22 @@ class BasicTrainer(abc.ABC):
 
     def _order(self, epoch: int) -> list:
         if getattr(self, "_order_epoch", None) != epoch:
-            self._order_cache, self._order_epoch = epoch_order(len(self.train_ds), self.cfg.seed, epoch), epoch
+            order = epoch_order(len(self.train_ds), self.cfg.seed, epoch, self.lengths, self.cfg.batch_size)
+            self._order_cache, self._order_epoch = order, epoch
         return self._order_cache
+
+    def _packing(self, model):
+        """The Collator's packing spec, or None (padded batches) when packing is off or the model
+        cannot take packed batches; the latter is said once, since it costs speed, not correctness."""
+        if not self.cfg.packing:
+            return None
+        spec = model.enable_packing() if hasattr(model, "enable_packing") else None
+        if spec is None:
+            inner = getattr(model, "hf_model", model)
+            attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+            self._say(f"packing=true: {type(inner).__name__}" + (f" with {attn} attention" if attn else "") +
+                      " cannot take packed batches (train/attention.py); padding length-grouped batches instead")
+        return spec
 
     # ---- the loop ----------------------------------------------------------------------------
     def train(self) -> str:
@@ -274,12 +294,13 @@ class BasicTrainer(abc.ABC):
         seconds = time.perf_counter() - start
         state.train_seconds += seconds
         n = total["n"]
+        counts = {k: int(total[k]) for k in ("tokens", "unique_tokens", "computed_tokens")}
         record = {"split": "train", "step": state.step, "examples": state.examples,
                   "loss": total["loss"] / n, "accuracy": total["correct"] / n, "margin": total["margin"] / n,
                   "chosen": total["chosen"] / n, "rejected": total["rejected"] / n, "grad_norm": grad_norm,
                   "lr": lr, "pairs_per_s": n / seconds, "tokens_per_s": total["tokens"] / seconds,
                   "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
-                  "world_size": self.world}
+                  "world_size": self.world, **counts}
         self.tracker.log(record)
         faults.reached("after_step", state.step, self.model)
         return record, total["stop"] > 0
@@ -289,7 +310,8 @@ class BasicTrainer(abc.ABC):
         Each loss is divided by their number: the microbatches have the same size, so the sum is
         the mean over the step's pairs. Returns this process's sums for the logs."""
         acc = self.accelerator
-        sums = dict.fromkeys(("n", "correct", "margin", "chosen", "rejected", "loss", "tokens"), 0)
+        sums = dict.fromkeys(("n", "correct", "margin", "chosen", "rejected", "loss", "tokens", "unique_tokens",
+                              "computed_tokens"), 0)
         for i, batch in enumerate(micro):
             # Gradients are all-reduced between processes only on the last microbatch of a step.
             with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model):
@@ -300,7 +322,8 @@ class BasicTrainer(abc.ABC):
             for key, value in pair_metrics(chosen, rejected).items():
                 sums[key] += value
             sums["loss"] += loss.item() * len(batch["index"])
-            sums["tokens"] += int(batch["attention_mask"].sum())
+            for key in ("tokens", "unique_tokens", "computed_tokens"):
+                sums[key] += batch[key]
         return sums
 
     def reduce(self, values: dict) -> dict:
@@ -502,8 +525,7 @@ class PairedPreferenceTrainer(BasicTrainer):
     def forward(self, batch: dict, model=None):
         model = model if model is not None else self.model
         device = self.accelerator.device
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        scores = model(**inputs)
+        scores = model(**model_inputs(batch, device))
         n = len(batch["index"])
         return scores[:n], scores[n:]
 

@@ -13,6 +13,7 @@ from datasets.fingerprint import Hasher
 
 from train.data.batching import pad_batch
 from train.data.formatting import encode
+from train.data.packing import pack
 from train.data.sources import load_source
 from train.data.options import source_options
 from train.errors import UserError
@@ -24,6 +25,11 @@ from train.errors import UserError
 MAX_IDENTICAL_SHARE = 0.02
 # Part of the cache key: bump it when the columns written by tokenize() change.
 CACHE_FORMAT = 3
+# Length grouping (epoch_order) sorts spans of this many batches: wide enough that most batches
+# find partners of nearly their length, narrow enough that an epoch's steps stay well mixed.
+GROUP_BATCHES = 64
+# The tensors of a collated batch the model takes (packed batches add position_ids and reward_index).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "reward_index")
 
 
 def load_examples(cfg, log=print, counts: dict = None) -> tuple:
@@ -112,28 +118,73 @@ def tokenize(examples, tokenizer, model_cfg, cache_dir: str) -> tuple:
     return kept.with_format(None), counts
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list:
-    """The shuffled training order of one epoch: the same for every process and every resume."""
+def epoch_order(n: int, seed: int, epoch: int, lengths: list = None, batch_size: int = 1) -> list:
+    """The shuffled training order of one epoch: the same for every process and every resume.
+
+    With `lengths` (one per row), pairs of similar length share a batch: the shuffled order is
+    cut into spans of GROUP_BATCHES batches, each span is sorted by length, and the whole batches
+    are then shuffled, so a step's microbatches need little padding (or pack densely) while the
+    order of steps stays random. Still a function of (seed, epoch) and the data only.
+    """
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    order = torch.randperm(n, generator=generator).tolist()
+    if lengths is None or batch_size >= n:
+        return order
+    span = batch_size * GROUP_BATCHES
+    grouped = []
+    for start in range(0, n, span):
+        grouped += sorted(order[start:start + span], key=lambda i: -lengths[i])  # stable: ties keep the shuffle
+    whole = n // batch_size  # an incomplete last batch is never trained on (trainers.py)
+    batches = [grouped[k * batch_size:(k + 1) * batch_size] for k in range(whole)]
+    return [i for k in torch.randperm(whole, generator=generator).tolist() for i in batches[k]] + \
+        grouped[whole * batch_size:]
 
 
 class Collator:
-    """Rows -> one batch with chosen rows first, then rejected rows, padded to the longest."""
+    """Rows -> one batch of chosen and rejected sequences, plus the pair fields and token counts.
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+    Padded (packing=None): chosen rows first, then rejected rows, right-padded to the longest.
+    Packed (packing=(causal, reward_at), train/data/packing.py): the sequences go padding-free
+    into rows; with share_prompt on a causal model each pair is one block, so the prompt (the
+    tokens chosen and rejected share) is computed once. Either way the model returns the chosen
+    rewards first, then the rejected ones.
+    Token counts: `tokens` (chosen + rejected as given), `unique_tokens` (what the forward has to
+    compute: fewer when the prompt is shared) and `computed_tokens` (positions, padding included).
+    """
+
+    def __init__(self, pad_token_id: int, packing: tuple = None, share_prompt: bool = False):
+        self.pad_token_id, self.packing = pad_token_id, packing
+        self.share_prompt = bool(packing and packing[0] and share_prompt)  # causal models only
 
     def __call__(self, rows: list) -> dict:
-        seqs = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        chosen, rejected = [r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows]
         types = None
         if rows[0]["chosen_types"] is not None:
             types = [r["chosen_types"] for r in rows] + [r["rejected_types"] for r in rows]
-        batch = pad_batch(seqs, self.pad_token_id, types)
-        batch.update(margin=torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
+        tokens = sum(map(len, chosen + rejected))
+        if self.packing is None:
+            batch = pad_batch(chosen + rejected, self.pad_token_id, types)
+            batch.update(unique_tokens=tokens, computed_tokens=batch["input_ids"].numel())
+        elif self.share_prompt:
+            pairs = [[c, r] for c, r in zip(chosen, rejected)]
+            pair_types = types and [[t, u] for t, u in zip(types[:len(rows)], types[len(rows):])]
+            batch = pack(pairs, self.pad_token_id, *self.packing, types=pair_types)
+            batch["reward_index"] = batch["reward_index"].view(-1, 2).t().flatten()  # pair order -> chosen, rejected
+        else:
+            batch = pack([[s] for s in chosen + rejected], self.pad_token_id, *self.packing,
+                         types=types and [[t] for t in types])
+        batch.update(tokens=tokens, margin=torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
                      index=[r["index"] for r in rows], subset=[r["subset"] for r in rows],
                      source=[r.get("source", "") for r in rows])
         return batch
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """What the model takes of a collated batch, its tensors on `device`."""
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+    if "spans" in batch:  # a packed batch: where each sequence's attention runs (train/data/packing.py)
+        inputs["spans"] = batch["spans"]
+    return inputs
 
 
 def select(ds, indices) -> list:

@@ -4,8 +4,9 @@
   <run>/config.yaml, then its safetensors weights) or a plain HF classifier dir. Code shipped
   with a model runs only with --trust_remote_code, whatever the run's config.yaml says.
 - encode_sample() is train.data.formatting.encode, the function training uses.
-- Scorer pads length-sorted batches (train.data.batching.pad_batch, as training pads); EncodedChunks
-  reads and encodes in DataLoader workers.
+- Scorer packs batches without padding, sharing each prompt's tokens between its samples on
+  decoders (train.data.packing), or pads length-sorted batches (train.data.batching.pad_batch, as
+  training pads) for models that cannot pack; EncodedChunks reads and encodes in DataLoader workers.
 """
 import itertools
 import json
@@ -18,6 +19,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from train.data.batching import pad_batch
 from train.data.formatting import DEFAULT_TRUNCATION, encode
+from train.data.packing import pack
 from train.errors import UserError
 from train.labeling.samples import read_samples
 from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, prepare_tokenizer
@@ -132,13 +134,20 @@ def encode_sample(tokenizer, prompt, output, fmt: dict) -> dict:
 
 
 class Scorer:
-    """Rewards for encoded samples, in length-sorted batches with minimal padding."""
+    """Rewards for encoded samples, in batches that waste no compute.
+
+    Packed (train/data/packing.py) when the model allows it: no padding, and with share_prompt a
+    decoder computes the prompt tokens that the samples of one prompt_id share once for all of
+    them (best-of-n: 4-16 samples per prompt). Otherwise padded, length-sorted batches, as
+    training pads. Either way a sample's reward does not depend on its batch."""
 
     def __init__(self, model, tokenizer, max_length: int, max_prompt_length: int, truncation: str,
-                 batch_size: int, device="cpu"):
+                 batch_size: int, device="cpu", packing: bool = True, share_prompt: bool = True):
         self.model, self.tokenizer, self.device = model.to(device), tokenizer, device
         self.format = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation=truncation)
         self.batch_size = batch_size
+        self.packing = model.enable_packing() if packing and hasattr(model, "enable_packing") else None
+        self.share_prompt = bool(share_prompt and self.packing and self.packing[0])  # decoders only
 
     def encode(self, prompt, output) -> dict:
         return encode_sample(self.tokenizer, prompt, output, self.format)
@@ -154,18 +163,50 @@ class Scorer:
         batch = pad_batch([e["input_ids"] for e in items], self.tokenizer.pad_token_id, types)
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def packed_batches(self, encoded: list, groups: list = None) -> list:
+        """Lists of blocks (index lists whose samples share a prompt_id when sharing, else one
+        sample each) of about batch_size samples; a prompt's samples stay in one block."""
+        blocks = {}
+        for i in range(len(encoded)):
+            key = groups[i] if self.share_prompt and groups is not None and groups[i] is not None else ("alone", i)
+            blocks.setdefault(key, []).append(i)
+        batches, current, size = [], [], 0
+        for block in blocks.values():
+            if current and size + len(block) > self.batch_size:
+                batches.append(current)
+                current, size = [], 0
+            current.append(block)
+            size += len(block)
+        return batches + [current] if current else batches
+
+    def pack(self, items: list) -> dict:
+        """Blocks of encodings -> one packed row (train/data/packing.py) on this scorer's device."""
+        types = [[e["token_type_ids"] for e in block] for block in items] if "token_type_ids" in items[0][0] else None
+        batch = pack([[e["input_ids"] for e in block] for block in items], self.tokenizer.pad_token_id,
+                     *self.packing, types=types)
+        inputs = {k: batch[k].to(self.device) for k in ("input_ids", "position_ids", "token_type_ids",
+                                                         "reward_index") if k in batch}
+        return {**inputs, "spans": batch["spans"]}
+
     @torch.inference_mode()
-    def score_encoded(self, encoded: list) -> list:
-        """Rewards in the order of `encoded`."""
+    def score_encoded(self, encoded: list, groups: list = None) -> list:
+        """Rewards in the order of `encoded`; groups: each sample's prompt_id (or None), for sharing."""
         rewards = [0.0] * len(encoded)
-        for idx in self.batches(encoded):
-            for i, r in zip(idx, self.model(**self.collate([encoded[i] for i in idx])).float().tolist()):
+        if self.packing is None:
+            for idx in self.batches(encoded):
+                for i, r in zip(idx, self.model(**self.collate([encoded[i] for i in idx])).float().tolist()):
+                    rewards[i] = r
+            return rewards
+        for blocks in self.packed_batches(encoded, groups):
+            scores = self.model(**self.pack([[encoded[i] for i in block] for block in blocks])).float().tolist()
+            for i, r in zip([i for block in blocks for i in block], scores):
                 rewards[i] = r
         return rewards
 
 
 class EncodedChunks(torch.utils.data.IterableDataset):
-    """This process's share of each chunk of samples, encoded: (chunk size, rows, encodings, truncated).
+    """This process's share of each chunk of samples, encoded: (chunk size, rows, encodings,
+    truncated, prompt ids).
 
     Iterated in DataLoader workers, so reading and encoding overlap the forward passes. With n
     workers, worker w takes chunks w, w + n, ...; the DataLoader hands them back in order.
@@ -184,6 +225,9 @@ class EncodedChunks(torch.utils.data.IterableDataset):
             if not chunk:
                 return
             if k % workers == worker:
-                mine = chunk[self.rank::self.world]
+                # Contiguous shares: the samples of one prompt, usually adjacent, stay on one process.
+                share = -(-len(chunk) // self.world)
+                mine = chunk[self.rank * share:(self.rank + 1) * share]
                 encoded = [encode_sample(self.tokenizer, s["prompt"], s["output"], self.format) for _, s in mine]
-                yield len(chunk), [row for row, _ in mine], encoded, sum(e["truncated"] for e in encoded)
+                yield (len(chunk), [row for row, _ in mine], encoded, sum(e["truncated"] for e in encoded),
+                       [s.get("prompt_id") for _, s in mine])
