@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, ROOT, SHARED_RUN, TINY, accelerate_launch, env, final_metrics, final_weights, launch, metrics
+from tests.conftest import (PYTHON, ROOT, SHARED_RUN, TINY, accelerate_launch, env, final_metrics, final_weights,
+                            launch, launch_each, metrics)
 
 RUN = SHARED_RUN  # the runs here are interrupted copies of the shared one
 TIMING = ("pairs_per_s", "tokens_per_s", "train_seconds")
@@ -25,61 +26,99 @@ def reference(shared_run):
     return shared_run
 
 
-def assert_same_run(run, reference):
+def assert_same_run(run, reference, steps=12):
     w, ref = final_weights(run), final_weights(reference)
     assert all(torch.equal(w[k], ref[k]) for k in ref), "FINAL weights differ from the uninterrupted run"
     got, want = metrics(run), metrics(reference)
-    steps = [r["step"] for r in got if r["split"] == "train"]
-    assert steps == list(range(1, 13)), steps  # no step missing or repeated
+    train = [r["step"] for r in got if r["split"] == "train"]
+    assert train == list(range(1, steps + 1)), train  # no step missing or repeated
     assert comparable(got) == comparable(want)
 
 
-@pytest.mark.parametrize("kill_at", ["mid_step:5", "after_step:7", "eval:3"])
-def test_sigkill_then_resume_auto_is_bit_identical(tmp_path, reference, kill_at):
+def killed_at(point, args, **extra_env):
+    """launch.py ARGS, SIGKILLed by the trainer at `point` (train/faults.py). Unbuffered, so what it
+    printed before the kill is in its stdout."""
+    proc = launch(args, check=False, extra_env={"REWARD_HARNESS_KILL_AT": point, "PYTHONUNBUFFERED": 1, **extra_env})
+    assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-3000:])
+    return proc
+
+
+def test_sigkill_at_every_point_then_resume_is_bit_identical(tmp_path, reference):
+    """One run dir killed five times, once at each kill point, each time continued with resume=auto
+    (the last time from an explicit checkpoint path): it ends bit-identical to the uninterrupted run.
+
+    | launch | with | killed | leaves | the next one resumes from |
+    | 1 | no save_every | after step 5 | records of steps 1-5, no checkpoint | nothing: a fresh start |
+    | 2 | save_every | in the save of step 4 | step-2, a torn .tmp-step-4 | step-2 |
+    | 3 | resume=auto | mid step 5 (a microbatch done) | step-2, step-4 | step-4 |
+    | 4 | resume=auto | after step 7 | step-4, step-6 | step-6 |
+    | 5 | resume=auto | in the eval of step 9 | step-6, step-8 | step-8, passed by path |
+    """
     cache = str(tmp_path)
-    killed = launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False,
-                    extra_env={"REWARD_HARNESS_KILL_AT": kill_at})
-    assert killed.returncode == -signal.SIGKILL
     run = Path(cache) / "run"
-    assert not (run / "FINAL").exists()
-    resumed = launch([*RUN, f"cache_dir={cache}", "exp_name=run", "resume=auto"])
-    assert "resumed from" in resumed.stdout
-    assert_same_run(run, reference)
+    root = run / "checkpoints"
+    args = [*RUN, f"cache_dir={cache}", "exp_name=run"]
 
+    # 1. killed before its first checkpoint: the next start is a fresh one, and keeps no record of this one
+    killed_at("after_step:5", [a for a in args if not a.startswith("save_every")])
+    assert len(metrics(run)) > 5 and not root.exists()
 
-def test_kill_before_any_checkpoint_restarts_without_duplicate_records(tmp_path, reference):
-    cache = str(tmp_path)
-    args = [a for a in RUN if not a.startswith("save_every")]
-    killed = launch([*args, f"cache_dir={cache}", "exp_name=run"], check=False,
-                    extra_env={"REWARD_HARNESS_KILL_AT": "after_step:5"})
-    assert killed.returncode == -signal.SIGKILL and len(metrics(Path(cache) / "run")) > 5
-    launch([*args, f"cache_dir={cache}", "exp_name=run", "resume=auto"])  # nothing to resume: a fresh start
-    assert_same_run(Path(cache) / "run", reference)
-
-
-def test_resume_is_exact_with_dropout_on(tmp_path):
-    cache = str(tmp_path)
-    args = [*RUN, "model.disable_dropout=false", "+model.init_config.attention_dropout=0.3",
-            "+model.init_config.hidden_dropout=0.3", f"cache_dir={cache}"]
-    launch([*args, "exp_name=ref"])
-    launch([*args, "exp_name=run"], check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:7"})
-    launch([*args, "exp_name=run", "resume=auto"])
-    assert_same_run(Path(cache) / "run", Path(cache) / "ref")
-
-
-def test_kill_during_save_leaves_previous_checkpoint_and_resume_uses_it(tmp_path, reference):
-    cache = str(tmp_path)
-    killed = launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False,
-                    extra_env={"REWARD_HARNESS_KILL_AT": "save:2"})
-    assert killed.returncode == -signal.SIGKILL
-    root = Path(cache) / "run" / "checkpoints"
+    # 2. killed between writing a checkpoint's files and its COMPLETE marker: step-4 is torn
+    killed_at("save:2", [*args, "resume=auto"])  # nothing to resume: a fresh start
     assert (root / "step-2" / "COMPLETE").is_file()
     torn = root / ".tmp-step-4"
     assert torn.is_dir() and (torn / "model.safetensors").is_file() and not (torn / "COMPLETE").exists()
-    resumed = launch([*RUN, f"cache_dir={cache}", "exp_name=run", "resume=auto"])
-    assert f"removing {torn}: left by a save that did not finish" in resumed.stdout and not torn.exists()
-    assert "resumed from" in resumed.stdout and "step-2 at step 2" in resumed.stdout
-    assert_same_run(Path(cache) / "run", reference)
+
+    # 3. the torn save is removed, step-2 is used; killed with one microbatch of step 5 done
+    out = killed_at("mid_step:5", [*args, "resume=auto"]).stdout
+    assert f"removing {torn}: left by a save that did not finish" in out
+    assert f"resumed from {root}/step-2 at step 2" in out
+
+    # 4. killed after step 7's record is written, before its checkpoint could be
+    out = killed_at("after_step:7", [*args, "resume=auto"]).stdout
+    assert f"resumed from {root}/step-4 at step 4" in out
+
+    # 5. killed while scoring the eval of step 9 (the first eval of this process)
+    out = killed_at("eval:1", [*args, "resume=auto"]).stdout
+    assert f"resumed from {root}/step-6 at step 6" in out
+    assert not (run / "FINAL").exists() and sorted(p.name for p in root.iterdir()) == ["step-6", "step-8"]
+
+    # what a rerun may not do to a run dir with checkpoints (these stop before training, so one interpreter)
+    again, changed = launch_each([args, [*args, "resume=auto", "lr=2e-3"]])
+    assert again.returncode == 2 and "already holds checkpoints: pass resume=auto" in again.stderr
+    assert changed.returncode == 2 and "'lr' was 0.001 in the checkpointed run, now 0.002" in changed.stderr
+
+    resumed = launch([*args, f"resume={root / 'step-8'}"])
+    assert f"resumed from {root / 'step-8'} at step 8" in resumed.stdout
+    assert_same_run(run, reference)
+    # ...with the fast paths on: length-grouped order, packed rows, the prompt computed once per pair
+    assert "length_grouping: true" in (run / "config.yaml").read_text()
+    train = [r for r in metrics(run) if r["split"] == "train"]
+    assert all(r["computed_tokens"] == r["unique_tokens"] < r["tokens"] for r in train)
+    assert not leftovers(run)
+
+    done, skip = launch_each([args, [*args, "resume=auto"]])
+    assert done.returncode == 2 and "already holds FINAL" in done.stderr
+    assert skip.returncode == 0 and "run already finished" in skip.stdout
+
+
+def test_resume_is_exact_with_dropout_on_and_keeps_the_wandb_run_id(tmp_path):
+    """Dropout draws from the RNG at every step, so the resumed run only matches the uninterrupted one
+    if the RNG state is restored; the resumed run also logs to the same wandb run (same id)."""
+    cache = str(tmp_path)
+    args = [*RUN, "model.disable_dropout=false", "+model.init_config.attention_dropout=0.3",
+            "+model.init_config.hidden_dropout=0.3", f"cache_dir={cache}"]
+    launch([*args, "exp_name=ref"])  # without wandb: wandb being on must not change the run either
+    wandb = ["exp_name=run", "wandb.enabled=true", "wandb.mode=offline"]
+    killed = launch([*args, *wandb], check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:7"})
+    assert killed.returncode == -signal.SIGKILL
+    run = Path(cache) / "run"
+    state = json.loads((run / "checkpoints" / "step-6" / "state.json").read_text())
+    assert state["wandb_id"]
+    launch([*args, *wandb, "resume=auto"])
+    runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(state["wandb_id"]) for r in runs)
+    assert_same_run(run, Path(cache) / "ref")
 
 
 def test_keep_last_n_checkpoints_and_checkpoint_contents(reference):
@@ -94,71 +133,60 @@ def test_keep_last_n_checkpoints_and_checkpoint_contents(reference):
     assert "exp_avg" in moments and "exp_avg_sq" in moments and moments["exp_avg_sq"].abs().sum() > 0
 
 
-def test_resume_from_explicit_path_and_refusal_to_overwrite(tmp_path, reference):
-    cache = str(tmp_path)
-    launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:9"})
-    again = launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False)
-    assert again.returncode == 2 and "already holds checkpoints: pass resume=auto" in again.stderr
-    changed = launch([*RUN, f"cache_dir={cache}", "exp_name=run", "resume=auto", "lr=2e-3"], check=False)
-    assert changed.returncode == 2 and "'lr' was 0.001 in the checkpointed run, now 0.002" in changed.stderr
-    step4 = Path(cache) / "run" / "checkpoints" / "step-8"
-    launch([*RUN, f"cache_dir={cache}", "exp_name=run", f"resume={step4}"])
-    assert_same_run(Path(cache) / "run", reference)
-    done = launch([*RUN, f"cache_dir={cache}", "exp_name=run"], check=False)
-    assert done.returncode == 2 and "already holds FINAL" in done.stderr
-    skip = launch([*RUN, f"cache_dir={cache}", "exp_name=run", "resume=auto"])
-    assert "run already finished" in skip.stdout
-
-
 def test_two_process_kill_and_resume_matches_uninterrupted_two_process_run(tmp_path):
+    # 6 steps (checkpoints at 2 and 4, an eval at 3): killed after step 3, resumed from step-2.
     cache = str(tmp_path)
-    args = [*RUN, "microbatch_size=4", f"cache_dir={cache}"]
+    args = [*(a for a in RUN if not a.startswith(("datasets.synthetic.n_train=", "microbatch_size="))),
+            "datasets.synthetic.n_train=96", "microbatch_size=4", f"cache_dir={cache}"]
     accelerate_launch([*args, "exp_name=ref2"])
-    killed = accelerate_launch([*args, "exp_name=run2"], check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:5"})
+    killed = accelerate_launch([*args, "exp_name=run2"], check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:3"})
     assert killed.returncode != 0
-    accelerate_launch([*args, "exp_name=run2", "resume=auto"])
+    resumed = accelerate_launch([*args, "exp_name=run2", "resume=auto"])
     run, ref = Path(cache) / "run2", Path(cache) / "ref2"
+    assert f"resumed from {run}/checkpoints/step-2 at step 2" in resumed.stdout
     assert final_metrics(run)["world_size"] == 2
-    assert sorted(p.name for p in (run / "checkpoints" / "step-10").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
-    assert_same_run(run, ref)
+    assert sorted(p.name for p in (run / "checkpoints" / "step-4").glob("rng-*")) == ["rng-0.pt", "rng-1.pt"]
+    assert_same_run(run, ref, steps=6)
 
 
-def test_wandb_run_id_survives_a_resume(tmp_path):
+def wait_for_records(path: Path, n: int, proc):
+    """Until metrics.jsonl holds n records (the run is then in its training loop, signal handlers set)."""
+    deadline = time.time() + 120
+    while not (path.exists() and len(path.read_text().splitlines()) >= n):
+        assert time.time() < deadline and proc.poll() is None, "the run ended before it could be signalled"
+        time.sleep(0.05)
+
+
+def test_preemption_signals_save_and_exit_cleanly_and_the_run_continues(tmp_path):
+    """SIGTERM (a scheduler's preemption) and then, on the resumed run, SIGINT (Ctrl-C): each stops
+    the run at the next step boundary with a checkpoint and exit code 0; resume=auto finishes it."""
     cache = str(tmp_path)
-    args = [*RUN, f"cache_dir={cache}", "exp_name=wb", "wandb.enabled=true", "wandb.mode=offline"]
-    launch(args, check=False, extra_env={"REWARD_HARNESS_KILL_AT": "after_step:7"})
-    state = json.loads((Path(cache) / "wb" / "checkpoints" / "step-6" / "state.json").read_text())
-    assert state["wandb_id"]
-    launch([*args, "resume=auto"])
-    runs = sorted((Path(cache) / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(state["wandb_id"]) for r in runs)
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_preemption_signal_saves_and_exits_cleanly(tmp_path, sig):
-    cache = str(tmp_path)
-    args = ["model=tiny-llama", "datasets.synthetic.n_train=800", "datasets.synthetic.n_test=32",
+    # 50 steps of 8 pairs: each signal lands within a few steps, far from the end
+    args = ["model=tiny-llama", "datasets.synthetic.n_train=400", "datasets.synthetic.n_test=32",
             "n_eval_examples=32", "batch_size=8", "microbatch_size=4", "eval_every=100000", "do_first_eval=false",
             f"cache_dir={cache}", "exp_name=pre"]
-    proc = subprocess.Popen([PYTHON, "launch.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    path = Path(cache) / "pre" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= 3):
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert "resume=auto" in out
     run = Path(cache) / "pre"
-    assert not (run / "FINAL").exists()
-    (ckpt,) = list((run / "checkpoints").glob("step-*"))
-    step = json.loads((ckpt / "state.json").read_text())["step"]
-    assert 3 <= step < 100
-    assert [r["step"] for r in metrics(run)] == list(range(1, step + 1))
+    step = 0
+    for sig, extra in ((signal.SIGTERM, []), (signal.SIGINT, ["resume=auto"])):
+        proc = subprocess.Popen([PYTHON, "launch.py", *args, *extra], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        wait_for_records(run / "metrics.jsonl", step + 3, proc)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "resume=auto" in out
+        assert not (run / "FINAL").exists()
+        if step:
+            assert f"resumed from {run}/checkpoints/step-{step} at step {step}" in out
+        before = step
+        step = max(json.loads((c / "state.json").read_text())["step"] for c in run.glob("checkpoints/step-*"))
+        assert before + 3 <= step < 50, (sig, before, step)
+        saved = [f"step-{before}", f"step-{step}"] if before else [f"step-{step}"]  # the one save per signal
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(saved)
+        assert [r["step"] for r in metrics(run)] == list(range(1, step + 1))
     launch([*args, "resume=auto"])
     train = [r["step"] for r in metrics(run) if r["split"] == "train"]
-    assert train == list(range(1, 101)) and (run / "FINAL" / "COMPLETE").is_file()
+    assert train == list(range(1, 51)) and (run / "FINAL" / "COMPLETE").is_file()
 
 
 def test_nonfinite_loss_stops_with_step_and_last_checkpoint(tmp_path):

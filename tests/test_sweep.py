@@ -296,9 +296,11 @@ def test_best_is_highest_accuracy_then_lowest_loss_and_unfinished_jobs_never_win
 def test_one_ctrl_c_stops_the_whole_sweep_and_resume_auto_finishes_it(tmp_path):
     import signal
     import time
-    args = ["-m", "model=tiny-llama", "datasets.synthetic.n_train=800", "datasets.synthetic.n_test=16",
+    # The first job is long (50 steps), so the signal lands in it, far from its end; the two it stops
+    # from starting are short (8 and 12 steps): after the resume they only have to finish.
+    args = ["-m", "model=tiny-llama", "datasets.synthetic.n_test=16",
             "n_eval_examples=16", "batch_size=8", "microbatch_size=8", "eval_every=100000", "do_first_eval=false",
-            f"cache_dir={tmp_path}", "exp_name=stop", "lr=1e-4,2e-4,3e-4"]
+            f"cache_dir={tmp_path}", "exp_name=stop", "datasets.synthetic.n_train=400,64,96"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -313,5 +315,7 @@ def test_one_ctrl_c_stops_the_whole_sweep_and_resume_auto_finishes_it(tmp_path):
     assert len(started) == 1 and not (started[0] / "FINAL").exists(), out[-2000:]
     assert list((started[0] / "checkpoints").glob("step-*"))  # the interrupted job saved where it was
     assert "earlier job of this sweep was stopped by a signal" in (sweep / "summary.md").read_text()
+    # both later jobs were refused, not only the next one
+    assert sum("earlier job of this sweep was stopped by a signal" in r["note"] for r in csv_rows(sweep)) == 2
     run([*args, "resume=auto"])
     assert len([j for j in jobs(sweep) if (j / "FINAL" / "COMPLETE").is_file()]) == 3
