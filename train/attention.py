@@ -1,5 +1,5 @@
 """Attention over packed rows (train/data/packing.py) for any transformers model that takes
-custom attention functions (`_supports_attention_backend`): BERT, Llama, Qwen, Mistral, Gemma...
+custom attention functions (`_supports_attention_backend`); used for the types in VERIFIED.
 
 Registered with transformers as the attention implementation "packed". A forward given `spans`
 (a keyword argument that such models pass down to every attention layer) computes, for each span,
@@ -41,8 +41,13 @@ AttentionInterface.register(NAME, packed_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches get sdpa's masks
 
 
+# Model types whose packed scores and gradients are tested equal to plain forwards
+# (tests/test_packing.py). Others (GPT-2's attention, for one, differs) are padded instead.
+VERIFIED = {"bert", "llama"}
+
+
 def can_pack(hf_model) -> bool:
-    """Whether the model passes keyword arguments down to a pluggable attention function, and uses
-    sdpa or eager attention now (flash attention on a GPU packs by its own varlen kernels)."""
-    return bool(getattr(hf_model, "_supports_attention_backend", False)) and \
-        hf_model.config._attn_implementation in ("sdpa", "eager", NAME)
+    """Whether the model is of a verified type, passes keyword arguments down to a pluggable
+    attention function, and uses sdpa or eager attention now."""
+    return hf_model.config.model_type in VERIFIED and bool(getattr(hf_model, "_supports_attention_backend", False)) \
+        and hf_model.config._attn_implementation in ("sdpa", "eager", NAME)
