@@ -39,7 +39,8 @@ def test_a_second_run_on_a_busy_run_dir_is_refused_and_a_dead_holder_blocks_noth
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while lock_holder(run) != first.pid:
+        # The lock, then the config it writes: under load the first run may hold one without the other yet.
+        while lock_holder(run) != first.pid or not (run / "config.yaml").is_file():
             assert time.time() < deadline and first.poll() is None, "the first run never took the lock"
             time.sleep(0.2)
         os.kill(first.pid, signal.SIGSTOP)  # holds the lock, frozen, for as long as the second run needs
