@@ -72,7 +72,7 @@ class Config:
     write_predictions: bool = False  # write generated_predictions.jsonl for the eval set at the end
     num_workers: int = 0  # DataLoader workers; 0 is fastest for short pre-tokenised pairs
     length_grouping: bool = True  # pairs of similar length share a batch (shuffled by batch): less padding
-    packing: bool = True  # several sequences per row, no padding (models with sdpa/eager attention)
+    packing: bool = False  # padding-free rows (bert, llama); off until measured faster than padding (README "Speed")
     share_prompt: bool = True  # decoders, with packing: the prompt chosen and rejected share is computed once
     compile: bool = False  # torch.compile the model's body (dynamic shapes); pays a compile at start
     wandb: WandbConfig = field(default_factory=WandbConfig)
