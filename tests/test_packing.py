@@ -100,7 +100,7 @@ def test_padded_packed_and_prompt_shared_forwards_match_forwards_alone(models, t
 
 
 def test_pack_keeps_sequences_apart_and_continues_positions():
-    batch = pack([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8]]], 0, causal=True, reward_at="last")
+    batch = pack([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8]]], causal=True, reward_at="last")
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1]]
     assert batch["reward_index"].tolist() == [3, 4, 6]
@@ -111,7 +111,7 @@ def test_pack_keeps_sequences_apart_and_continues_positions():
     assert third[:3] == (5, 7, ((5, 7),))
     assert shared_prefix([[1, 2], [1, 2]]) == 1  # each keeps a token of its own
     with pytest.raises(ValueError):
-        pack([[[1, 2], [1, 3]]], 0, causal=False, reward_at="first")
+        pack([[[1, 2], [1, 3]]], causal=False, reward_at="first")
 
 
 def test_length_grouping_is_a_seeded_permutation_of_similar_length_batches():

@@ -29,12 +29,18 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     gqa = query.shape[1] != key.shape[1]
     outputs = []
     for q0, q1, keys, mask in spans:
-        k = torch.cat([key[:, :, a:b] for a, b in keys], dim=2) if len(keys) > 1 else key[:, :, keys[0][0]:keys[0][1]]
-        v = torch.cat([value[:, :, a:b] for a, b in keys], dim=2) if len(keys) > 1 else value[:, :, keys[0][0]:keys[0][1]]
+        k, v = _ranges(key, keys), _ranges(value, keys)
         extra = {"is_causal": True} if isinstance(mask, str) else {"attn_mask": None if mask is None else mask.to(query.device)}
         outputs.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, dropout_p=dropout, scale=scaling,
                                                       enable_gqa=gqa, **extra))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _ranges(states, ranges):
+    """The token ranges of key or value states, along the sequence dim (a view when there is one range)."""
+    if len(ranges) == 1:
+        return states[:, :, ranges[0][0]:ranges[0][1]]
+    return torch.cat([states[:, :, a:b] for a, b in ranges], dim=2)
 
 
 AttentionInterface.register(NAME, packed_attention)

@@ -36,7 +36,8 @@ from train.build import fixed_eval_indices
 from train.checks import check_ranges
 from train.config import RANGES, check_overrides, register
 from train.data.formatting import TRUNCATION_POLICIES
-from train.data.loader import Collator, load_examples, model_inputs, select, tokenize
+from train.data.batching import model_inputs
+from train.data.loader import Collator, load_examples, select, tokenize
 from train.data.options import checked_source_options
 from train.errors import UserError, exit_with_error, storage_error
 from train.labeling.scoring import load_reward_model, model_kind, run_config, settings

@@ -7,7 +7,6 @@ with pad_token_id; that reads the wrong position when pad == eos and a text ends
 those heads we read the hidden state at the last position where attention_mask is 1, which is
 right for any padding. Encoder heads (BERT) pool the first token and need no such care.
 """
-import inspect
 import os
 
 import torch

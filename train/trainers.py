@@ -31,7 +31,8 @@ from transformers import get_scheduler
 
 from train import atomic, checkpoint, faults, report
 from train.checks import check_type, suggest
-from train.data.loader import Collator, epoch_order, model_inputs, select
+from train.data.batching import model_inputs
+from train.data.loader import TOKEN_COUNTS, Collator, epoch_order, select
 from train.errors import UserError, storage_error
 from train.losses import bradley_terry_loss, hinge_loss, pair_metrics, smoothed_bradley_terry_loss
 from train.models import AutoModelForBradleyTerry
@@ -231,7 +232,7 @@ class BasicTrainer(abc.ABC):
             inner = getattr(model, "hf_model", model)
             attn = getattr(getattr(inner, "config", None), "_attn_implementation", None)
             self._say(f"packing=true: {type(inner).__name__}" + (f" with {attn} attention" if attn else "") +
-                      " cannot take packed batches (train/attention.py); padding length-grouped batches instead")
+                      " cannot take packed batches (train/attention.py); padding its batches instead")
         return spec
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -294,7 +295,7 @@ class BasicTrainer(abc.ABC):
         seconds = time.perf_counter() - start
         state.train_seconds += seconds
         n = total["n"]
-        counts = {k: int(total[k]) for k in ("tokens", "unique_tokens", "computed_tokens")}
+        counts = {k: int(total[k]) for k in TOKEN_COUNTS}
         record = {"split": "train", "step": state.step, "examples": state.examples,
                   "loss": total["loss"] / n, "accuracy": total["correct"] / n, "margin": total["margin"] / n,
                   "chosen": total["chosen"] / n, "rejected": total["rejected"] / n, "grad_norm": grad_norm,
@@ -310,8 +311,7 @@ class BasicTrainer(abc.ABC):
         Each loss is divided by their number: the microbatches have the same size, so the sum is
         the mean over the step's pairs. Returns this process's sums for the logs."""
         acc = self.accelerator
-        sums = dict.fromkeys(("n", "correct", "margin", "chosen", "rejected", "loss", "tokens", "unique_tokens",
-                              "computed_tokens"), 0)
+        sums = dict.fromkeys(("n", "correct", "margin", "chosen", "rejected", "loss", *TOKEN_COUNTS), 0)
         for i, batch in enumerate(micro):
             # Gradients are all-reduced between processes only on the last microbatch of a step.
             with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model):
@@ -322,7 +322,7 @@ class BasicTrainer(abc.ABC):
             for key, value in pair_metrics(chosen, rejected).items():
                 sums[key] += value
             sums["loss"] += loss.item() * len(batch["index"])
-            for key in ("tokens", "unique_tokens", "computed_tokens"):
+            for key in TOKEN_COUNTS:
                 sums[key] += batch[key]
         return sums
 

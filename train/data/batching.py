@@ -1,6 +1,10 @@
 """Token ids -> one padded batch: the one padding rule of training (loader.Collator) and labeling
-(labeling/scoring.Scorer), so a reward model is scored on batches shaped as it was trained on."""
+(labeling/scoring.Scorer), so a reward model is scored on batches shaped as it was trained on;
+and model_inputs(), what the model takes of a padded or packed batch, for both."""
 import torch
+
+# The tensors of a collated batch the model takes (packed batches add position_ids and reward_index).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "reward_index")
 
 
 def pad_batch(input_ids: list, pad_token_id: int, token_type_ids: list = None) -> dict:
@@ -16,3 +20,11 @@ def pad_batch(input_ids: list, pad_token_id: int, token_type_ids: list = None) -
     if token_type_ids is not None:
         batch["token_type_ids"] = pad(token_type_ids, 0)
     return batch
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """What the model takes of a collated batch, its tensors on `device`."""
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+    if "spans" in batch:  # a packed batch: where each sequence's attention runs (train/data/packing.py)
+        inputs["spans"] = batch["spans"]
+    return inputs

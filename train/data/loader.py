@@ -28,8 +28,8 @@ CACHE_FORMAT = 3
 # Length grouping (epoch_order) sorts spans of this many batches: wide enough that most batches
 # find partners of nearly their length, narrow enough that an epoch's steps stay well mixed.
 GROUP_BATCHES = 64
-# The tensors of a collated batch the model takes (packed batches add position_ids and reward_index).
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "reward_index")
+# The token counts every collated batch carries (Collator), summed into each train record.
+TOKEN_COUNTS = ("tokens", "unique_tokens", "computed_tokens")
 
 
 def load_examples(cfg, log=print, counts: dict = None) -> tuple:
@@ -168,23 +168,14 @@ class Collator:
         elif self.share_prompt:
             pairs = [[c, r] for c, r in zip(chosen, rejected)]
             pair_types = types and [[t, u] for t, u in zip(types[:len(rows)], types[len(rows):])]
-            batch = pack(pairs, self.pad_token_id, *self.packing, types=pair_types)
+            batch = pack(pairs, *self.packing, types=pair_types)
             batch["reward_index"] = batch["reward_index"].view(-1, 2).t().flatten()  # pair order -> chosen, rejected
         else:
-            batch = pack([[s] for s in chosen + rejected], self.pad_token_id, *self.packing,
-                         types=types and [[t] for t in types])
+            batch = pack([[s] for s in chosen + rejected], *self.packing, types=types and [[t] for t in types])
         batch.update(tokens=tokens, margin=torch.tensor([r["margin"] if r["margin"] is not None else 0.0 for r in rows]),
                      index=[r["index"] for r in rows], subset=[r["subset"] for r in rows],
                      source=[r.get("source", "") for r in rows])
         return batch
-
-
-def model_inputs(batch: dict, device) -> dict:
-    """What the model takes of a collated batch, its tensors on `device`."""
-    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-    if "spans" in batch:  # a packed batch: where each sequence's attention runs (train/data/packing.py)
-        inputs["spans"] = batch["spans"]
-    return inputs
 
 
 def select(ds, indices) -> list:

@@ -35,7 +35,7 @@ class Spans(list):
     calls = 0
 
 
-def pack(blocks: list, pad_token_id: int, causal: bool, reward_at: str, types: list = None) -> dict:
+def pack(blocks: list, causal: bool, reward_at: str, types: list = None) -> dict:
     """blocks: lists of token-id lists (types: the same shape of token type ids, or None).
 
     Returns input_ids and position_ids (1, tokens), token_type_ids if given, `spans`, and
@@ -43,7 +43,6 @@ def pack(blocks: list, pad_token_id: int, causal: bool, reward_at: str, types: l
     row. reward_at is "last" (the sequence's last token: decoders) or "first" (its first token, a
     [CLS]: encoders, which share no prefix: every token of theirs sees the whole sequence). Also
     the counts `unique_tokens` (the row's length) and `computed_tokens` (the same: no padding).
-    pad_token_id is unused (there is no padding) and kept for the Collator's one signature.
     """
     if reward_at == "first" and any(len(b) > 1 for b in blocks):
         raise ValueError("reward_at='first' (an encoder) takes one sequence per block")

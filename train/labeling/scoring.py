@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_model
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from train.data.batching import pad_batch
+from train.data.batching import model_inputs, pad_batch
 from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.data.packing import pack
 from train.errors import UserError
@@ -182,11 +182,8 @@ class Scorer:
     def pack(self, items: list) -> dict:
         """Blocks of encodings -> one packed row (train/data/packing.py) on this scorer's device."""
         types = [[e["token_type_ids"] for e in block] for block in items] if "token_type_ids" in items[0][0] else None
-        batch = pack([[e["input_ids"] for e in block] for block in items], self.tokenizer.pad_token_id,
-                     *self.packing, types=types)
-        inputs = {k: batch[k].to(self.device) for k in ("input_ids", "position_ids", "token_type_ids",
-                                                         "reward_index") if k in batch}
-        return {**inputs, "spans": batch["spans"]}
+        return model_inputs(pack([[e["input_ids"] for e in block] for block in items], *self.packing, types=types),
+                            self.device)
 
     @torch.inference_mode()
     def score_encoded(self, encoded: list, groups: list = None) -> list:
