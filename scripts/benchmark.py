@@ -47,9 +47,10 @@ TRL_BEST = {"train_sampling_strategy": "group_by_length", "remove_unused_columns
 # (comparison, value) per figure: printed beside it, never asserted.
 TARGETS = {"train_speedup_vs_trl": (">=", 2.0), "train_speedup_compiled_vs_trl": (">=", 2.0),
            "padding_waste": ("<=", 1.05), "hardware_efficiency": (">=", 0.6),
-           "label_vs_bare_forward": (">=", 0.9), "label_prefix_sharing_speedup": (">=", 1.5)}
+           "label_vs_bare_forward": (">=", 0.9), "label_prefix_sharing_speedup": (">=", 1.5),
+           "fsdp_memory_vs_ddp": ("about", 0.5)}
 MODELS = ("minilm", "smollm2")
-SECTIONS = ("speed", "accuracy", "label")
+SECTIONS = ("speed", "accuracy", "label", "sharding")
 ALIASES = {"train": "speed", "quality": "accuracy"}  # the section names of the earlier benchmark
 
 
@@ -275,6 +276,20 @@ def model_block(name: str, args, pairs: list, workdir: str) -> dict:
             else:
                 block["label_prefix_sharing_speedup"] = figure("label_prefix_sharing_speedup", [
                     ratio(r.get("label_shared_samples_per_s"), r.get("bare_samples_per_s")) for r in runs], runs)
+    if "sharding" in sections:
+        with section(block, "fsdp_memory_vs_ddp"):
+            say(f"  {name}: memory per process, DDP vs FSDP on 2 processes")
+            from scripts import bench_memory
+            from scripts.bench_quality import write_jsonl
+            rows = pairs[:2 * args.batch_size]
+            spec = {"model": name, "model_path": path, "max_length": size["max_length"], "batch_size": args.batch_size,
+                    "threads": max(1, args.threads // 2), "train_file": write_jsonl(os.path.join(workdir, "mem.jsonl"), rows),
+                    "test_file": write_jsonl(os.path.join(workdir, "mem-test.jsonl"), rows[:2])}
+            result = bench_memory.compare(spec, args.timeout)
+            value = result.get("fsdp_over_ddp")
+            block["fsdp_memory_vs_ddp"] = {"min": value, "median": value, "target": "about 0.5", **result,
+                                           "what": "largest process's parameters + optimizer state after one step, "
+                                                   "fsdp / ddp, 2 processes"}
     return block
 
 
@@ -319,6 +334,10 @@ def notes(key: str, fig: dict) -> str:
         rate, bare = [v for v in rate if v], [v for v in bare if v]
         if rate and bare:
             return f"{statistics.median(rate):.3g} vs {statistics.median(bare):.3g} samples/s (medians)"
+    if key == "fsdp_memory_vs_ddp" and "param_optimizer_mb" in fig:
+        mb, rss = fig["param_optimizer_mb"], fig["peak_rss_mb"]
+        return (f"params + optimizer state per process: FSDP {mb['fsdp']:.0f} MB vs DDP {mb['ddp']:.0f} MB; "
+                f"peak RSS {rss['fsdp']:.0f} vs {rss['ddp']:.0f} MB (the whole model is loaded before sharding)")
     return fig.get("note", "")
 
 

@@ -13,7 +13,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from train import atomic, checkpoint, trainers
+from train import atomic, checkpoint, sharding, trainers
 from train.config import validate
 from train.data.loader import load_examples, tokenize
 from train.errors import UserError, storage_error
@@ -137,11 +137,13 @@ def build(cfg, held: contextlib.ExitStack = None):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     log = print if accelerator.is_main_process else (lambda *a, **k: None)
     trainers.batch_plan(cfg, accelerator.num_processes)
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        # Eval, checkpoints and FINAL read the unwrapped model on one process, which is only right
-        # when every process holds all the weights (DDP); sharded training would save a shard.
-        raise UserError(f"distributed_type {accelerator.distributed_type.name} is not supported by this trainer yet: "
-                        "use DDP (accelerate_config/ddp_gpu.yaml) with model.dtype=bfloat16 and activation checkpointing")
+    # On CPU processes accelerate drops DeepSpeed and runs DDP, so its launch variable is checked too.
+    kind = "DEEPSPEED" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else \
+        accelerator.distributed_type.name
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
+        raise UserError(f"distributed_type {kind} is not supported by this trainer: "
+                        "FSDP2 is the supported way to shard (accelerate_config/fsdp_4gpu.yaml; README, Scale)")
+    sharding.plugin()  # an unsupported FSDP setting stops here, before any model loads
     lock_run_dir(run_dir, accelerator, held)  # before the run dir is read: another run may be writing it
     if accelerator.is_main_process:
         checkpoint.remove_leftovers(run_dir, log)

@@ -4,20 +4,28 @@ A checkpoint dir is written as checkpoints/.tmp-step-N, gets a COMPLETE marker l
 renamed to checkpoints/step-N (train/atomic.py). A dir without the marker (a kill during a save)
 is never resumed from. Weights are safetensors; optimizer/scheduler/RNG use torch.save and are
 read back with weights_only=True, so loading a checkpoint never runs pickled code.
+
+A sharded (FSDP) run writes weights and optimizer state with torch.distributed.checkpoint instead,
+under sharded/: each process writes its own shard, nothing is gathered on one process. DCP
+reshards on load, so such a checkpoint resumes at any number of processes, sharded or not.
 """
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
 from train.atomic import is_complete, write_text
+from train.errors import UserError
 
 
 @dataclass
@@ -87,18 +95,57 @@ def save_rng(tmp_dir: str, rank: int):
     _torch_save(rng_state(), os.path.join(tmp_dir, f"rng-{rank}.pt"))
 
 
-def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState):
-    """The main process's part of a checkpoint (RNG files are written by every process)."""
-    save_model(model, os.path.join(tmp_dir, "model.safetensors"))  # handles tied weights
-    _torch_save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
+SHARDED = "sharded"  # the DCP dir of a sharded checkpoint
+
+
+def is_sharded(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, SHARDED))
+
+
+def save_sharded(tmp_dir: str, model, optimizer):
+    """Every process's part of a sharded checkpoint: its shards of weights and optimizer state.
+    Collective: every process calls it."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=os.path.join(tmp_dir, SHARDED))
+
+
+def load_sharded(path: str, model, optimizer=None, collective: bool = False):
+    """Weights (and optimizer state) of a sharded checkpoint into `model`, which may be sharded
+    over any number of processes (collective=True: every process calls it) or not at all
+    (then each process reads the whole checkpoint on its own)."""
+    if optimizer is None:
+        state = {"model": get_model_state_dict(model)}
+        with warnings.catch_warnings():  # DCP warns that it reads in one process: that is the intent here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=os.path.join(path, SHARDED), no_dist=not collective)
+        set_model_state_dict(model, state["model"])
+        return
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED), no_dist=not collective)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState, sharded: bool = False):
+    """The main process's part of a checkpoint (RNG files, and the shards of a sharded run, are
+    written by every process)."""
+    if not sharded:
+        save_model(model, os.path.join(tmp_dir, "model.safetensors"))  # handles tied weights
+        _torch_save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
     _torch_save(scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
     write_text(os.path.join(tmp_dir, "state.json"), json.dumps(asdict(state), indent=1))
 
 
-def load(path: str, model, optimizer, scheduler, rank: int) -> TrainState:
-    """Restore weights, optimizer (with Adam's moments), scheduler and this process's RNG."""
-    load_model(model, os.path.join(path, "model.safetensors"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+def load(path: str, model, optimizer, scheduler, rank: int, sharded: bool = False) -> TrainState:
+    """Restore weights, optimizer (with Adam's moments), scheduler and this process's RNG.
+    `sharded`: the model is sharded (FSDP), which only a sharded checkpoint can be loaded into."""
+    if is_sharded(path):
+        load_sharded(path, model, optimizer, collective=sharded)
+    elif sharded:
+        raise UserError(f"{path} was written by an unsharded (DDP) run: resume it without FSDP, or start afresh")
+    else:
+        load_model(model, os.path.join(path, "model.safetensors"))
+        optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
     rng_file = os.path.join(path, f"rng-{rank}.pt")
     if os.path.exists(rng_file):  # resuming on more processes than saved: the new ones start fresh

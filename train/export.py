@@ -83,10 +83,7 @@ def check_paths(args):
     src, out = args.source, args.out = os.path.normpath(args.source), os.path.normpath(args.out)
     if not os.path.isdir(src):
         raise UserError(f"{src}: no such directory")
-    if not (os.path.isfile(os.path.join(src, "config.json")) or os.path.isfile(os.path.join(src, "model.safetensors"))):
-        raise UserError(f"{src}: neither a FINAL/classifier dir (config.json) nor a checkpoint dir "
-                        "(model.safetensors)")
-    if model_kind(src) == "checkpoint" and run_config(src) is None:
+    if model_kind(src) == "checkpoint" and run_config(src) is None:  # neither kind: model_kind says so
         raise UserError(f"{src}: a checkpoint dir needs its run's config.yaml two levels up "
                         "(RUN/checkpoints/step-N)")
     real_src, real_out = os.path.realpath(src), os.path.realpath(out)

@@ -188,8 +188,11 @@ class AutoModelForBradleyTerry(nn.Module):
         pooled = self.hf_model.base_model.pooler(picked[:, None])  # BERT's pooler reads position 0
         return self.hf_model.classifier(self.hf_model.dropout(pooled))[:, 1]
 
-    def save_pretrained(self, path: str, **kwargs):
-        self.hf_model.save_pretrained(path, safe_serialization=True, **kwargs)
+    def save_pretrained(self, path: str, state_dict=None, **kwargs):
+        """`state_dict`: this wrapper's full weights when the live ones are sharded (FSDP)."""
+        if state_dict is not None:
+            state_dict = {k.removeprefix("hf_model."): v for k, v in state_dict.items()}
+        self.hf_model.save_pretrained(path, safe_serialization=True, state_dict=state_dict, **kwargs)
 
 
 def prepare_tokenizer(cfg):

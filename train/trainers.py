@@ -25,11 +25,12 @@ from accelerate.utils import gather_object
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 from safetensors import SafetensorError
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from train import atomic, checkpoint, faults, report
+from train import atomic, checkpoint, faults, report, sharding
 from train.checks import check_type, suggest
 from train.data.batching import model_inputs
 from train.data.loader import TOKEN_COUNTS, Collator, epoch_order, select
@@ -166,16 +167,22 @@ class BasicTrainer(abc.ABC):
         self.total_steps = cfg.n_epochs * self.steps_per_epoch
         if cfg.n_examples is not None:  # a cap on pairs, rounded down to whole optimizer steps
             self.total_steps = min(self.total_steps, cfg.n_examples // cfg.batch_size)
+        packing = self._packing(model)
+        # FSDP (train/sharding.py) shards the model before the optimizer sees its parameters.
+        self.fsdp = sharding.plugin()
+        if self.fsdp:
+            sharding.shard(model, self.fsdp, accelerator)
+        self.parallelism = "fsdp" if self.fsdp else "ddp"
         optimizer_class = getattr(torch.optim, cfg.optimizer)  # checked by config.validate()
         optimizer = optimizer_class(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
         # Not passed to accelerator.prepare: its wrapper steps once per process per step.
         self.scheduler = get_scheduler(cfg.scheduler, optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup * self.total_steps),
                                        num_training_steps=self.total_steps)
-        packing = self._packing(model)
         if cfg.compile:  # in place: the state dict keeps its names, so checkpoints are unchanged
             model.hf_model.base_model.compile(dynamic=True)
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # A sharded model is never handed to accelerate, which would wrap it in DDP on CPU processes.
+        self.model, self.optimizer = (model, optimizer) if self.fsdp else accelerator.prepare(model, optimizer)
         self.collate = Collator(tokenizer.pad_token_id, packing, cfg.share_prompt)
         self.lengths = None  # for length grouping: a pair's chosen + rejected tokens
         if cfg.length_grouping:
@@ -287,7 +294,11 @@ class BasicTrainer(abc.ABC):
         start = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
         local = self.accumulate([next(batches) for _ in range(self.accumulation)])
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+        if self.fsdp:  # torch's clipping works on sharded gradients; the norm comes back as a DTensor
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        else:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        grad_norm = float(sharding.full(norm))
         total = self.reduce({**local, "nonfinite": float(not math.isfinite(local["loss"])),
                              "stop": float(self.stop_requested)})
         self.optimizer_step(finite=total["nonfinite"] == 0 and math.isfinite(grad_norm))
@@ -301,7 +312,7 @@ class BasicTrainer(abc.ABC):
                   "chosen": total["chosen"] / n, "rejected": total["rejected"] / n, "grad_norm": grad_norm,
                   "lr": lr, "pairs_per_s": n / seconds, "tokens_per_s": total["tokens"] / seconds,
                   "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
-                  "world_size": self.world, **counts}
+                  "world_size": self.world, "parallelism": self.parallelism, **counts}
         self.tracker.log(record)
         faults.reached("after_step", state.step, self.model)
         return record, total["stop"] > 0
@@ -314,7 +325,10 @@ class BasicTrainer(abc.ABC):
         sums = dict.fromkeys(("n", "correct", "margin", "chosen", "rejected", "loss", *TOKEN_COUNTS), 0)
         for i, batch in enumerate(micro):
             # Gradients are all-reduced between processes only on the last microbatch of a step.
-            with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model):
+            last = i == len(micro) - 1
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if last or self.fsdp else acc.no_sync(self.model):
                 chosen, rejected = self.forward(batch)
                 loss = self.loss(chosen, rejected, **self.pair_inputs(batch, chosen.device))
                 acc.backward(loss / len(micro))
@@ -371,7 +385,7 @@ class BasicTrainer(abc.ABC):
         with faults.phase("eval"):
             return self._evaluate(final)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP would keep inference tensors as buffers that training reuses
     def _evaluate(self, final: bool) -> dict:
         model = self.accelerator.unwrap_model(self.model)  # no DDP: shards may differ in length
         model.eval()
@@ -393,13 +407,17 @@ class BasicTrainer(abc.ABC):
                           batch["index"], batch["subset"], sources, lengths, chosen.float().tolist(),
                           rejected.float().tolist()))]
             faults.reached("eval", self.n_evals + 1)
+        if self.fsdp:  # each forward gathers every layer from all processes, so all make as many
+            most = math.ceil(math.ceil(len(self.eval_ds) / self.world) / size)
+            for _ in range(most - math.ceil(len(rows) / size)):
+                self.forward(self.collate(select(self.eval_ds, [0])), model=model)
         self.n_evals += 1
         model.train()
         everything = sorted(gather_object(pairs), key=lambda p: p["index"])
         self.state.last_eval_examples = self.state.examples
         record = self.eval_metrics(everything)
         record = {"split": "eval", "step": self.state.step, "examples": self.state.examples, **record,
-                  "world_size": self.world}
+                  "world_size": self.world, "parallelism": self.parallelism}
         self.tracker.log(record)
         self.last_eval = record
         if final:  # save_final writes FINAL/eval_report.json and its PNGs from them (train/report.py)
@@ -442,8 +460,14 @@ class BasicTrainer(abc.ABC):
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
 
+        def everyone():  # every process's RNG, and under FSDP its shards
+            checkpoint.save_rng(tmp, self.rank)
+            if self.fsdp:
+                checkpoint.save_sharded(tmp, self.model, self.optimizer)
+
         def finish():
-            checkpoint.save(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.state)
+            checkpoint.save(tmp, acc.unwrap_model(self.model), self.optimizer, self.scheduler, self.state,
+                            sharded=bool(self.fsdp))
             self.n_saves += 1
             faults.reached("save", self.n_saves)  # files written, marker not yet: a torn checkpoint
             atomic.publish_dir(tmp, final_dir)
@@ -452,8 +476,8 @@ class BasicTrainer(abc.ABC):
         with faults.phase("save"):
             what = f"checkpoint {final_dir}"
             self._save_part(what, tmp, start if acc.is_main_process else None)
-            self._save_part(what, tmp, lambda: checkpoint.save_rng(tmp, self.rank))  # every process's RNG
-            self._save_part(what, tmp, finish if acc.is_main_process else None)  # the marker after all RNG files
+            self._save_part(what, tmp, everyone)
+            self._save_part(what, tmp, finish if acc.is_main_process else None)  # the marker after everyone's files
 
     def _save_part(self, what: str, tmp: str, work):
         """Runs this process's part of a save, then waits for the others. If a write failed on any
@@ -464,7 +488,7 @@ class BasicTrainer(abc.ABC):
         try:
             if work is not None:
                 work()
-        except (OSError, RuntimeError, SafetensorError) as err:  # torch.save reports ENOSPC as RuntimeError
+        except (OSError, RuntimeError, SafetensorError, CheckpointException) as err:  # torch.save: ENOSPC as RuntimeError
             error = storage_error(f"could not save {what}", err)
         errors = [e for e in gather_object([error]) if e]
         if errors:
@@ -477,7 +501,7 @@ class BasicTrainer(abc.ABC):
 
     def _resume(self, path: str):
         model = self.accelerator.unwrap_model(self.model)
-        self.state = checkpoint.load(path, model, self.optimizer, self.scheduler, self.rank)
+        self.state = checkpoint.load(path, model, self.optimizer, self.scheduler, self.rank, sharded=bool(self.fsdp))
         self._say(f"resumed from {path} at step {self.state.step} ({self.state.examples} pairs seen)")
 
     def save_final(self, final_metrics: dict):
@@ -486,18 +510,22 @@ class BasicTrainer(abc.ABC):
         acc = self.accelerator
         acc.wait_for_everyone()
         model = acc.unwrap_model(self.model)
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:  # checked on every process (the weights are replicated), so all stop together
+        bad = [name for name, p in model.named_parameters() if not torch.isfinite(sharding.local(p)).all()]
+        if self.fsdp:  # each process holds a shard: all must learn of a bad one, so all stop together
+            bad = [name for names in gather_object([bad]) for name in names]
+        if bad:
             raise NonFiniteError(f"non-finite weights ({bad[0]}...): FINAL not written")
+        weights = sharding.full_state_dict(model) if self.fsdp else None  # gathered on the main process
         tmp = os.path.join(self.run_dir, ".tmp-FINAL")
 
         def write():
             shutil.rmtree(tmp, ignore_errors=True)
             self.tracker.plot()
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
             self.tokenizer.save_pretrained(tmp)
             metrics = {**final_metrics, "steps": self.state.step, "train_examples": self.state.examples,
                        "skipped_steps": self.state.skipped_steps, "world_size": self.world,
+                       "parallelism": self.parallelism,
                        **{f"data_{k}": v for k, v in self.data_counts.items()}}
             atomic.write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics, indent=1))
             pairs = getattr(self, "final_eval_pairs", None)

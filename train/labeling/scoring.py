@@ -22,6 +22,7 @@ from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.data.packing import pack
 from train.errors import UserError
 from train.labeling.samples import read_samples
+from train.checkpoint import is_sharded, load_sharded
 from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, prepare_tokenizer
 
 CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
@@ -45,10 +46,10 @@ def model_kind(path: str) -> str:
     path = os.path.normpath(path)
     if os.path.isfile(os.path.join(path, "config.json")) or not os.path.exists(path):
         return "pretrained"
-    if os.path.isfile(os.path.join(path, "model.safetensors")):
+    if os.path.isfile(os.path.join(path, "model.safetensors")) or is_sharded(path):
         return "checkpoint"
     raise UserError(f"--reward_model_path {path}: neither a FINAL/classifier dir (config.json) "
-                    "nor a checkpoint dir (model.safetensors)")
+                    "nor a checkpoint dir (model.safetensors, or sharded/ from an FSDP run)")
 
 
 def settings(path: str, args) -> dict:
@@ -93,7 +94,10 @@ def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
             cfg.model.trust_remote_code = trust_remote_code
             tokenizer = prepare_tokenizer(cfg)
             model = build_model(cfg, tokenizer)
-            load_model(model, os.path.join(path, "model.safetensors"))
+            if is_sharded(path):  # an FSDP run's checkpoint: its shards, read into the whole model
+                load_sharded(path, model)
+            else:
+                load_model(model, os.path.join(path, "model.safetensors"))
         else:
             tokenizer = load_tokenizer(path, trust_remote_code)
             model = AutoModelForBradleyTerry.from_pretrained(
