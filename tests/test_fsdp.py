@@ -11,7 +11,7 @@ import subprocess
 
 import torch
 
-from tests.conftest import (ACCELERATE, ROOT, TINY, env, final_metrics, final_weights, launch, main_in_process,
+from tests.conftest import (ACCELERATE, PYTHON, ROOT, TINY, env, final_metrics, final_weights, launch, main_in_process,
                             metrics)
 from train.label import main as label_main
 
@@ -99,3 +99,45 @@ def test_fsdp_version_1_is_refused_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert "fsdp_version 1 is not supported: set fsdp_version: 2" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+OPTIONS = """
+import copy, sys, torch, torch.distributed as dist
+from types import SimpleNamespace
+from train import sharding
+from train.models import AutoModelForBradleyTerry
+
+# One process, a group of one: sharding.shard as a run calls it, on settings as accelerate parses them.
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+tiny = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2)
+ids = torch.randint(1, 100, (4, 12))
+mask = torch.ones_like(ids)
+mask[1, 7:] = 0
+plain = AutoModelForBradleyTerry.from_config(tiny, pad_token_id=0)
+plain(input_ids=ids, attention_mask=mask).sum().backward()
+for precision in ("no", "bf16"):
+    model = AutoModelForBradleyTerry.from_config(tiny, pad_token_id=0)
+    settings = SimpleNamespace(cpu_offload=None, activation_checkpointing=True, transformer_cls_names_to_wrap=None,
+                               reshard_after_forward=True)
+    sharding.shard(model, settings, SimpleNamespace(device=torch.device("cpu"), num_processes=1, mixed_precision=precision))
+    assert model.hf_model.is_gradient_checkpointing
+    scores = model(input_ids=ids, attention_mask=mask)
+    scores.sum().backward()
+    want = plain(input_ids=ids, attention_mask=mask)
+    tol = 1e-5 if precision == "no" else 3e-2
+    assert scores.dtype == (torch.float32 if precision == "no" else torch.bfloat16), scores.dtype
+    assert (scores.float() - want).abs().max() < tol, (precision, scores, want)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert p.dtype == torch.float32, (name, p.dtype)  # fp32 master weights
+        grad = sharding.local(p.grad).float()
+        assert (grad - q.grad).norm() <= tol * 10 * q.grad.norm() + 1e-6, (precision, name)
+print("OK")
+"""
+
+
+def test_activation_checkpointing_and_bf16_over_fp32_master_weights():
+    """fsdp_activation_checkpointing and mixed_precision bf16, through train/sharding.py: fp32 gives the
+    unsharded scores and gradients; bf16 computes in bf16 while the weights stay fp32."""
+    proc = subprocess.run([PYTHON, "-c", OPTIONS], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
