@@ -13,7 +13,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from train import atomic, checkpoint, trainers
+from train import atomic, checkpoint, lora, trainers
 from train.config import validate
 from train.data.loader import load_examples, tokenize
 from train.errors import UserError, storage_error
@@ -181,6 +181,8 @@ def build(cfg, held: contextlib.ExitStack = None):
         log(f"n_eval_examples={cfg.n_eval_examples} but only {len(test_ds)} held-out pairs: evaluating on all of them")
     eval_ds = test_ds.select(fixed_eval_indices(len(test_ds), cfg.n_eval_examples))
     model = build_model(cfg, tokenizer, trainer_class.policy_hf_model_class)
+    if lora.enabled(cfg.model):
+        log(lora.summary(model))
     return trainer_class(cfg, accelerator, model, tokenizer, train_ds, eval_ds, run_dir,
                          resume_from=resume, config_dict=OmegaConf.to_container(cfg, resolve=True),
                          data_counts=counts)

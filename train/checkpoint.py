@@ -15,8 +15,8 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 
+from train import lora
 from train.atomic import is_complete, write_text
 
 
@@ -89,7 +89,7 @@ def save_rng(tmp_dir: str, rank: int):
 
 def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState):
     """The main process's part of a checkpoint (RNG files are written by every process)."""
-    save_model(model, os.path.join(tmp_dir, "model.safetensors"))  # handles tied weights
+    lora.save_weights(model, os.path.join(tmp_dir, "model.safetensors"))  # all weights; under LoRA adapters + head
     _torch_save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
     _torch_save(scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
     write_text(os.path.join(tmp_dir, "state.json"), json.dumps(asdict(state), indent=1))
@@ -97,7 +97,7 @@ def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState):
 
 def load(path: str, model, optimizer, scheduler, rank: int) -> TrainState:
     """Restore weights, optimizer (with Adam's moments), scheduler and this process's RNG."""
-    load_model(model, os.path.join(path, "model.safetensors"))
+    lora.load_weights(model, os.path.join(path, "model.safetensors"))
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
     rng_file = os.path.join(path, f"rng-{rank}.pt")
