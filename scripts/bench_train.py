@@ -31,6 +31,39 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak_memory() -> bool:
+    """Starts a new peak: this process's VmHWM (peak resident set) is set back to its current RSS
+    (Linux: "5" to /proc/self/clear_refs), and on a GPU torch's peak allocation counter. False if
+    the kernel refused, so the peak that follows covers the whole process life."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(was_reset: bool) -> dict:
+    """The peak since reset_peak_memory(): resident memory of the whole process (weights, gradients,
+    optimizer state, activations, and also the Python/torch runtime and the data already loaded;
+    freed memory the allocator keeps counts until it is returned to the system),
+    and torch's peak GPU allocation where there is a GPU. VmHWM, not ru_maxrss, which on Linux
+    carries the parent's peak over fork + exec."""
+    import torch
+    out = {"peak_rss_since": "the first step" if was_reset else "process start"}
+    try:
+        with open("/proc/self/status") as f:
+            out["train_peak_rss_mb"] = int(next(l for l in f if l.startswith("VmHWM")).split()[1]) / 1024
+    except (OSError, StopIteration):
+        out["train_peak_rss_mb"] = None
+    if torch.cuda.is_available():
+        out["train_peak_cuda_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
 def read_jsonl(path: str) -> list:
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -82,6 +115,18 @@ def ours(spec: dict, workdir: str) -> dict:
     with initialize_config_dir(config_dir=str(ROOT / "config"), version_base=None):
         cfg = compose("config", overrides=overrides)
     trainer = build(cfg)
+    params = {"trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+              "total_params": sum(p.numel() for p in trainer.model.parameters())}  # counted before FINAL merges LoRA
+    # The peak is read when the final eval starts (the only eval: do_first_eval=false and eval_every
+    # beyond the run), so it covers the optimizer steps and not the eval or FINAL's save after them.
+    memory, evaluate = {}, trainer.evaluate
+
+    def evaluate_after_reading_the_peak(final=False):
+        memory.update(peak_memory(was_reset))
+        return evaluate(final=final)
+
+    trainer.evaluate = evaluate_after_reading_the_peak
+    was_reset = reset_peak_memory()
     trainer.train()
     trainer.cleanup()
     records = read_jsonl(os.path.join(workdir, "bench", "metrics.jsonl"))
@@ -105,7 +150,8 @@ def ours(spec: dict, workdir: str) -> dict:
             "tokens_per_s": tokens / seconds, "non_embedding_params": non_embedding_params(trainer.model),
             "accuracy": final["accuracy"], "n_test": final["n_pairs"],
             "truncated_train": final.get("data_train_truncated"), "dropped_train": final.get("data_train_dropped", 0),
-            "overrides": spec.get("ours_extra", []), "matmul_flops": matmul_flops(), "peak_rss_mb": peak_rss_mb()}
+            "overrides": spec.get("ours_extra", []), **params, **memory, "matmul_flops": matmul_flops(),
+            "peak_rss_mb": peak_rss_mb()}
 
 
 # ---- TRL --------------------------------------------------------------------------------------

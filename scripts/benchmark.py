@@ -15,6 +15,9 @@ by side in one run, on pairs of the real file (--real_data):
                             lengths) / train seconds, / an fp32 matmul's FLOP/s in the same process
   label_vs_bare_forward     python -m train.label end to end / a bare batched forward without prefix sharing
   label_prefix_sharing_speedup  the labeler with prefix sharing, 4 samples per prompt / the same bare forward
+  lora_*                    (section lora) LoRA vs full fine-tuning of the same model: trainable parameters,
+                            pairs/s and the training process's peak resident memory, side by side
+                            (scripts/bench_lora.py says what the peak covers); no target, informational
 Every figure is the min and the median over --repeat repeats; the trainers run interleaved (the
 order alternates per repeat), each run in a fresh process with the same thread counts. The
 targets are printed beside the figures, never asserted. --out writes every repeat's raw numbers.
@@ -50,7 +53,7 @@ TARGETS = {"train_speedup_vs_trl": (">=", 2.0), "train_speedup_compiled_vs_trl":
            "label_vs_bare_forward": (">=", 0.9), "label_prefix_sharing_speedup": (">=", 1.5),
            "fsdp_memory_vs_ddp": ("about", 0.5)}
 MODELS = ("minilm", "smollm2")
-SECTIONS = ("speed", "accuracy", "label", "sharding")
+SECTIONS = ("speed", "accuracy", "label", "lora", "sharding")
 ALIASES = {"train": "speed", "quality": "accuracy"}  # the section names of the earlier benchmark
 
 
@@ -228,7 +231,7 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
 def model_block(name: str, args, pairs: list, workdir: str) -> dict:
     import importlib.util
 
-    from scripts import bench_label
+    from scripts import bench_label, bench_lora
     from scripts.bench_quality import accuracy, held_out_split
     from train.data.formatting import uses_chat_template
     from train.models import load_tokenizer
@@ -276,6 +279,11 @@ def model_block(name: str, args, pairs: list, workdir: str) -> dict:
             else:
                 block["label_prefix_sharing_speedup"] = figure("label_prefix_sharing_speedup", [
                     ratio(r.get("label_shared_samples_per_s"), r.get("bare_samples_per_s")) for r in runs], runs)
+    if "lora" in sections:
+        with section(block, "lora_vs_full"):
+            say(f"  {name}: LoRA vs full fine-tuning")
+            block["lora_vs_full"] = bench_lora.run(args, base, pairs, tokenizer, size["max_length"], workdir,
+                                                   accepted(args.ours_options)[0], say)
     if "sharding" in sections:
         with section(block, "fsdp_memory_vs_ddp"):
             say(f"  {name}: memory per process, DDP vs FSDP on 2 processes")
@@ -361,6 +369,9 @@ def table(results: dict) -> str:
         if acc and "train_speedup_vs_trl" not in block:
             note = acc.get("error") or (f"ours {cell(acc['ours'], 3)}, TRL {cell(acc['trl'], 3)}")
             lines.append(f"| {name} | heldout_accuracy | | | ours within 1 point of TRL | {note} |")
+        if "lora_vs_full" in block:
+            from scripts.bench_lora import table_rows
+            lines += table_rows(name, block["lora_vs_full"])
     return "\n".join(lines)
 
 
@@ -387,6 +398,9 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="accuracy: training seeds")
     parser.add_argument("--label_batch_size", type=int, default=32, help="label: samples per forward")
+    parser.add_argument("--lora_pairs", type=int, default=32, help="lora: pairs per timed run, LoRA and full alike")
+    parser.add_argument("--lora_options", nargs="*", default=["model.peft.enabled=true"],
+                        help="lora: the Hydra overrides that make the LoRA variant (default: %(default)s)")
     encoder = parser.add_argument_group("minilm sizes")
     encoder.add_argument("--speed_pairs", type=int, default=256, help="speed: pairs per timed run")
     encoder.add_argument("--max_length", type=int, default=512, help="tokens per sequence")

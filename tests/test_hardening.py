@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import PYTHON, ROOT, TINY, env, launch, launch_each, metrics
@@ -116,3 +117,17 @@ def test_file_source_test_fraction_is_range_checked(tmp_path):
     data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(UserError, match=r"datasets.jsonl.test_fraction must be more than 0 and less than 1, got 1.5"):
         validate(composed("datasets=[jsonl]", f"++datasets.jsonl.path={data}", "++datasets.jsonl.test_fraction=1.5"))
+
+
+def test_a_run_saved_before_a_config_key_existed_resumes_while_the_key_keeps_its_default(tmp_path):
+    """config.yaml of a run from before model.peft existed: resuming it is not a change of setting,
+    unless the new key is set to something else."""
+    from train.build import check_resume_config
+    from train.errors import UserError
+
+    saved = OmegaConf.to_container(composed(), resolve=True)
+    del saved["model"]["peft"]
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    check_resume_config(composed(), str(tmp_path))
+    with pytest.raises(UserError, match="cannot resume .*'model' was"):
+        check_resume_config(composed("model.peft.enabled=true"), str(tmp_path))

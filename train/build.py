@@ -13,8 +13,8 @@ from accelerate.utils import broadcast_object_list, set_seed
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from train import atomic, checkpoint, sharding, trainers
-from train.config import validate
+from train import atomic, checkpoint, lora, sharding, trainers
+from train.config import Config, validate
 from train.data.loader import load_examples, tokenize
 from train.errors import UserError, storage_error
 from train.models import build_model, prepare_tokenizer
@@ -89,14 +89,20 @@ def check_resume_config(cfg, run_dir: str):
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         return
-    saved = OmegaConf.load(path)
+    saved, defaults = OmegaConf.load(path), OmegaConf.structured(Config)
     for key in SAME_ON_RESUME:
-        old, new = OmegaConf.select(saved, key), OmegaConf.select(cfg, key)
-        old = OmegaConf.to_container(old, resolve=True) if OmegaConf.is_config(old) else old
-        new = OmegaConf.to_container(new, resolve=True) if OmegaConf.is_config(new) else new
+        old, new, default = (_plain(OmegaConf.select(c, key)) for c in (saved, cfg, defaults))
+        if isinstance(old, dict) and isinstance(new, dict) and isinstance(default, dict):
+            # A key the harness gained after the run was saved (model.peft, say) is not a change
+            # while it keeps its default.
+            new = {k: v for k, v in new.items() if k in old or k not in default or v != default[k]}
         if old != new:
             raise UserError(f"cannot resume {run_dir}: '{key}' was {old!r} in the checkpointed run, now {new!r} "
                             "(an exact continuation needs the same setting)")
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def fixed_eval_indices(n_test: int, n_eval: int, seed: int = 0) -> list:
@@ -142,8 +148,10 @@ def build(cfg, held: contextlib.ExitStack = None):
         accelerator.distributed_type.name
     if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise UserError(f"distributed_type {kind} is not supported by this trainer: "
-                        "FSDP2 is the supported way to shard (accelerate_config/fsdp_4gpu.yaml; README, Scale)")
-    sharding.plugin()  # an unsupported FSDP setting stops here, before any model loads
+                        "FSDP2 is the supported way to shard (accelerate_config/fsdp_4gpu.yaml; README, 'Sharded training')")
+    if sharding.plugin() and lora.enabled(cfg.model):  # an unsupported FSDP setting stops here too
+        raise UserError("model.peft.enabled=true with FSDP is not supported: LoRA trains few parameters, so run it "
+                        "with DDP (accelerate_config/ddp_gpu.yaml) and, for a large base, model.dtype=bfloat16")
     lock_run_dir(run_dir, accelerator, held)  # before the run dir is read: another run may be writing it
     if accelerator.is_main_process:
         checkpoint.remove_leftovers(run_dir, log)
@@ -183,6 +191,8 @@ def build(cfg, held: contextlib.ExitStack = None):
         log(f"n_eval_examples={cfg.n_eval_examples} but only {len(test_ds)} held-out pairs: evaluating on all of them")
     eval_ds = test_ds.select(fixed_eval_indices(len(test_ds), cfg.n_eval_examples))
     model = build_model(cfg, tokenizer, trainer_class.policy_hf_model_class)
+    if lora.enabled(cfg.model):
+        log(lora.summary(model))
     return trainer_class(cfg, accelerator, model, tokenizer, train_ds, eval_ds, run_dir,
                          resume_from=resume, config_dict=OmegaConf.to_container(cfg, resolve=True),
                          data_counts=counts)

@@ -21,9 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_model, save_model
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
+from train import lora
 from train.atomic import is_complete, write_text
 from train.errors import UserError
 
@@ -130,7 +130,7 @@ def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState, sharded: 
     """The main process's part of a checkpoint (RNG files, and the shards of a sharded run, are
     written by every process)."""
     if not sharded:
-        save_model(model, os.path.join(tmp_dir, "model.safetensors"))  # handles tied weights
+        lora.save_weights(model, os.path.join(tmp_dir, "model.safetensors"))  # all weights; under LoRA adapters + head
         _torch_save(optimizer.state_dict(), os.path.join(tmp_dir, "optimizer.pt"))
     _torch_save(scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
     write_text(os.path.join(tmp_dir, "state.json"), json.dumps(asdict(state), indent=1))
@@ -144,7 +144,7 @@ def load(path: str, model, optimizer, scheduler, rank: int, sharded: bool = Fals
     elif sharded:
         raise UserError(f"{path} was written by an unsharded (DDP) run: resume it without FSDP, or start afresh")
     else:
-        load_model(model, os.path.join(path, "model.safetensors"))
+        lora.load_weights(model, os.path.join(path, "model.safetensors"))
         optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), map_location="cpu", weights_only=True))
     rng_file = os.path.join(path, f"rng-{rank}.pt")

@@ -6,7 +6,7 @@ misspelled command-line key into one line with a suggestion before Hydra prints 
 """
 import importlib.util
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -31,6 +31,19 @@ class WandbConfig:
 
 
 @dataclass
+class PeftSettings:
+    """LoRA through peft (train/lora.py): adapters train, the base stays frozen, the reward head trains in full."""
+    enabled: bool = False  # off: full fine-tuning, every weight trains
+    r: int = 8  # adapter rank; 8-64 is usual, more trains more parameters
+    alpha: float = 16.0  # adapter output scale is alpha / r; 2 x r is usual
+    dropout: float = 0.0  # on the adapters' input; off by default, like the rest of the harness (model.disable_dropout)
+    # Modules that get adapters: null -> peft's default for the model type (the attention's query and
+    # value projections: q_proj/v_proj on Llama, query/value on BERT), "all-linear" -> every linear
+    # layer but the head, or a list of module names. Model types peft has no default for need one of the latter.
+    target_modules: Any = None
+
+
+@dataclass
 class ModelConfig:
     name_or_path: Optional[str] = MISSING  # local dir or hub id (required); null only with init_config
     tokenizer_name_or_path: Optional[str] = None  # None -> name_or_path
@@ -43,6 +56,7 @@ class ModelConfig:
     activation_checkpointing: bool = False  # trade compute for memory; off: slower on CPU
     disable_dropout: bool = True  # dropout halves CPU speed and adds noise to the scalar reward
     trust_remote_code: bool = False  # run code shipped with a checkpoint only when set
+    peft: PeftSettings = field(default_factory=PeftSettings)  # LoRA (README "LoRA")
 
 
 @dataclass
@@ -101,7 +115,6 @@ def register():
 
 
 GROUPS = {"loss", "model", "datasets"}
-NESTED = {"model": ModelConfig, "wandb": WandbConfig}  # loss.* keys: see _check_loss_key
 
 
 def _check_key(dotted: str):
@@ -119,8 +132,8 @@ def _check_key(dotted: str):
         prefix += name + "."
         if i == len(parts) - 1:
             return names[name].type
-        ftype = NESTED.get(name) if schema is Config else None
-        if ftype is None:
+        ftype = names[name].type  # a nested schema (model, model.peft, wandb) is a dataclass; loss.*: _check_loss_key
+        if not is_dataclass(ftype):
             return None
         schema = ftype
 
@@ -268,6 +281,7 @@ def validate(cfg: DictConfig):
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise UserError(f"wandb.mode must be offline, online or disabled, got '{cfg.wandb.mode}'")
     check_ranges(cfg, RANGES)
+    _check_target_modules(cfg.model.peft.target_modules)
     if cfg.n_examples is not None and cfg.n_examples < cfg.batch_size:
         raise UserError(f"n_examples ({cfg.n_examples}) must be at least batch_size ({cfg.batch_size})")
     check_run_dir(cfg.cache_dir, cfg.exp_name, cfg.local_run_dir)
@@ -287,6 +301,7 @@ RANGES = {
     "eval_batch_size": (1, None), "n_eval_examples": (1, None), "eval_every": (1, None), "save_every": (1, None),
     "keep_last_n_checkpoints": (1, None), "num_workers": (0, None),
     "model.max_length": (2, None), "model.max_prompt_length": (0, None),
+    "model.peft.r": ([0], None), "model.peft.alpha": ([0], None), "model.peft.dropout": (0, [1]),
 }
 # Directories the harness keeps in cache_dir beside the run dirs; a run must not land in them.
 SHARED_CACHE_DIRS = ("tokenized", "converted")
@@ -305,6 +320,15 @@ def check_run_dir(cache_dir: str, exp_name: str, run_dir: str):
     if inside.split(os.sep)[0] in SHARED_CACHE_DIRS:
         raise UserError(f"exp_name={exp_name} puts the run inside {cache_dir}/{inside.split(os.sep)[0]}, "
                         "which the harness uses as a cache: choose another exp_name")
+
+
+def _check_target_modules(targets):
+    """null, one string (a module name, a regex or "all-linear") or a list of module names."""
+    targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
+    if targets is None or isinstance(targets, str) and targets.strip():
+        return
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        raise UserError(f"model.peft.target_modules must be null, all-linear or a list of module names, got {targets!r}")
 
 
 def _check_names(cfg):

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from train import atomic, attention
+from train import atomic, attention, lora
 from train.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,6 +88,7 @@ class AutoModelForBradleyTerry(nn.Module):
     def __init__(self, hf_model):
         super().__init__()
         self.hf_model = hf_model
+        self.lora = None  # peft's LoraModel around hf_model when model.peft.enabled (train/lora.py)
         # Decoder classifiers keep a per-position head called `score`; encoders a `classifier`.
         self.pools_last_token = isinstance(getattr(hf_model, "score", None), nn.Linear)
 
@@ -189,7 +190,10 @@ class AutoModelForBradleyTerry(nn.Module):
         return self.hf_model.classifier(self.hf_model.dropout(pooled))[:, 1]
 
     def save_pretrained(self, path: str, state_dict=None, **kwargs):
-        """`state_dict`: this wrapper's full weights when the live ones are sharded (FSDP)."""
+        """A plain transformers classifier dir. Under LoRA the adapters are merged into the base
+        weights first, in place (the model is plain from then on), so the dir loads without peft.
+        `state_dict`: this wrapper's full weights when the live ones are sharded (FSDP)."""
+        lora.merge(self)
         if state_dict is not None:
             state_dict = {k.removeprefix("hf_model."): v for k, v in state_dict.items()}
         self.hf_model.save_pretrained(path, safe_serialization=True, state_dict=state_dict, **kwargs)
@@ -205,7 +209,7 @@ def prepare_tokenizer(cfg):
 
 def build_model(cfg, tokenizer, model_class=AutoModelForBradleyTerry):
     """The run's model (cfg.model): pretrained from model.name_or_path, or freshly initialised from
-    model.init_config (tests, tiny runs)."""
+    model.init_config (tests, tiny runs); with LoRA adapters when model.peft.enabled (train/lora.py)."""
     m = cfg.model
     if m.name_or_path is None:
         model = model_class.from_config(OmegaConf.to_container(m.init_config), m.dtype,
@@ -213,6 +217,8 @@ def build_model(cfg, tokenizer, model_class=AutoModelForBradleyTerry):
     else:
         model = model_class.from_pretrained(m.name_or_path, m.dtype, tokenizer.pad_token_id,
                                             m.attn_implementation, m.trust_remote_code, m.disable_dropout)
+    if lora.enabled(m):
+        lora.apply(model, m.peft)
     if m.activation_checkpointing:
         model.hf_model.gradient_checkpointing_enable()
     return model

@@ -1,8 +1,9 @@
 """The reward model for labeling: loaded as its training run built it, fed as training fed it.
 
 - settings() and load_reward_model() accept a run's FINAL dir, a checkpoint dir (rebuilt from
-  <run>/config.yaml, then its safetensors weights) or a plain HF classifier dir. Code shipped
-  with a model runs only with --trust_remote_code, whatever the run's config.yaml says.
+  <run>/config.yaml, then its safetensors weights; a LoRA run's adapters are then merged, as
+  FINAL's are) or a plain HF classifier dir; FINAL is always plain, LoRA is never applied to it.
+  Code shipped with a model runs only with --trust_remote_code, whatever the run's config.yaml says.
 - encode_sample() is train.data.formatting.encode, the function training uses.
 - Scorer packs batches without padding, sharing each prompt's tokens between its samples on
   decoders (train.data.packing), or pads length-sorted batches (train.data.batching.pad_batch, as
@@ -14,15 +15,15 @@ import os
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_model
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from train import lora
 from train.data.batching import model_inputs, pad_batch
 from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.data.packing import pack
 from train.errors import UserError
-from train.labeling.samples import read_samples
 from train.checkpoint import is_sharded, load_sharded
+from train.labeling.samples import read_samples
 from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, prepare_tokenizer
 
 CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
@@ -89,7 +90,8 @@ def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
     if found:  # checked before loading: one line, with no transformers warning before it
         raise UserError(found + refusal)
     try:
-        if checkpoint:  # training's construction, then its weights
+        if checkpoint:  # training's construction (with its LoRA adapters, if any), then its weights
+            same_dtype = setup["dtype"] == cfg.model.dtype  # else the base is cast: its digest cannot match
             cfg.model.dtype = setup["dtype"]
             cfg.model.trust_remote_code = trust_remote_code
             tokenizer = prepare_tokenizer(cfg)
@@ -97,7 +99,8 @@ def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
             if is_sharded(path):  # an FSDP run's checkpoint: its shards, read into the whole model
                 load_sharded(path, model)
             else:
-                load_model(model, os.path.join(path, "model.safetensors"))
+                lora.load_weights(model, os.path.join(path, "model.safetensors"), check_base=same_dtype)
+                lora.merge(model)  # scored as FINAL would score it: a plain classifier
         else:
             tokenizer = load_tokenizer(path, trust_remote_code)
             model = AutoModelForBradleyTerry.from_pretrained(
