@@ -141,3 +141,13 @@ def test_activation_checkpointing_and_bf16_over_fp32_master_weights():
     unsharded scores and gradients; bf16 computes in bf16 while the weights stay fp32."""
     proc = subprocess.run([PYTHON, "-c", OPTIONS], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_nonfinite_sharded_weights_are_never_written_as_final(tmp_path):
+    """The non-finite check on sharded parameters: the embedding's shards hold an inf after step 12
+    (the last); the processes stop together with one line and none writes FINAL."""
+    proc = subprocess.run([ACCELERATE, "launch", "--config_file", FSDP, "launch.py", *ARGS, "on_nonfinite=skip",
+                           f"cache_dir={tmp_path}", "exp_name=blowup", "save_every=null"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env(REWARD_HARNESS_INF_WEIGHTS_AT=12))
+    assert proc.returncode != 0 and "non-finite weights" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "blowup" / "FINAL").exists()

@@ -521,7 +521,7 @@ class BasicTrainer(abc.ABC):
         def write():
             shutil.rmtree(tmp, ignore_errors=True)
             self.tracker.plot()
-            model.save_pretrained(tmp, state_dict=weights)
+            model.save_pretrained(tmp, **({"state_dict": weights} if self.fsdp else {}))
             self.tokenizer.save_pretrained(tmp)
             metrics = {**final_metrics, "steps": self.state.step, "train_examples": self.state.examples,
                        "skipped_steps": self.state.skipped_steps, "world_size": self.world,
