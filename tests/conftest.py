@@ -67,6 +67,14 @@ def accelerate_launch(args, nproc=2, check=True, extra_env=None, timeout=600):
     return proc
 
 
+def error_line(proc) -> str:
+    """The one line a user mistake gives (exit code 2, no traceback); progress bars aside."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "tokenizing" not in line]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (proc.args, proc.stderr)
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
 def metrics(run_dir):
     with open(Path(run_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

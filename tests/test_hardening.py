@@ -12,18 +12,11 @@ import pytest
 from omegaconf import OmegaConf
 from hydra import compose, initialize_config_dir
 
-from tests.conftest import PYTHON, ROOT, TINY, env, launch, launch_each, metrics
+from tests.conftest import PYTHON, ROOT, TINY, env, error_line, launch, launch_each, metrics
 from train.config import register, validate
 from train.errors import UserError
 
 register()
-
-
-def error_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "tokenizing" not in line]
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
-    return lines[0]
 
 
 def lock_holder(run: Path):

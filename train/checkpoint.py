@@ -115,15 +115,16 @@ def load_sharded(path: str, model, optimizer=None, collective: bool = False):
     (then each process reads the whole checkpoint on its own)."""
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
-        with warnings.catch_warnings():  # DCP warns that it reads in one process: that is the intent here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=os.path.join(path, SHARDED), no_dist=not collective)
+    else:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    with warnings.catch_warnings():  # without a group DCP warns that it reads in one process: that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=os.path.join(path, SHARDED), no_dist=not collective)
+    if optimizer is None:
         set_model_state_dict(model, state["model"])
-        return
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=os.path.join(path, SHARDED), no_dist=not collective)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def save(tmp_dir: str, model, optimizer, scheduler, state: TrainState, sharded: bool = False):

@@ -83,7 +83,7 @@ def check_paths(args):
     src, out = args.source, args.out = os.path.normpath(args.source), os.path.normpath(args.out)
     if not os.path.isdir(src):
         raise UserError(f"{src}: no such directory")
-    if model_kind(src) == "checkpoint" and run_config(src) is None:  # neither kind: model_kind says so
+    if model_kind(src, option="") == "checkpoint" and run_config(src) is None:  # neither kind: model_kind says so
         raise UserError(f"{src}: a checkpoint dir needs its run's config.yaml two levels up "
                         "(RUN/checkpoints/step-N)")
     real_src, real_out = os.path.realpath(src), os.path.realpath(out)

@@ -18,11 +18,11 @@ from omegaconf import OmegaConf
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from train import lora
+from train.checkpoint import is_sharded, load_sharded
 from train.data.batching import model_inputs, pad_batch
 from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.data.packing import pack
 from train.errors import UserError
-from train.checkpoint import is_sharded, load_sharded
 from train.labeling.samples import read_samples
 from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, prepare_tokenizer
 
@@ -42,14 +42,14 @@ def run_config(path: str):
     return cfg if OmegaConf.select(cfg, "model.max_length") is not None else None  # not some other YAML
 
 
-def model_kind(path: str) -> str:
+def model_kind(path: str, option: str = "--reward_model_path ") -> str:
     """'pretrained' (FINAL, any HF classifier dir or hub id) or 'checkpoint' (weights, no config.json)."""
     path = os.path.normpath(path)
     if os.path.isfile(os.path.join(path, "config.json")) or not os.path.exists(path):
         return "pretrained"
     if os.path.isfile(os.path.join(path, "model.safetensors")) or is_sharded(path):
         return "checkpoint"
-    raise UserError(f"--reward_model_path {path}: neither a FINAL/classifier dir (config.json) "
+    raise UserError(f"{option}{path}: neither a FINAL/classifier dir (config.json) "
                     "nor a checkpoint dir (model.safetensors, or sharded/ from an FSDP run)")
 
 
