@@ -27,20 +27,34 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                                       **kwargs)
     spans.calls += 1
     gqa = query.shape[1] != key.shape[1]
+    sizes, plan = _plan(spans)
+    # One split per tensor, not one slice per span: a slice's backward writes a zero tensor the size
+    # of the whole row, so slicing made the backward quadratic in the number of sequences per row.
+    qs, ks, vs = (t.split(sizes, dim=2) for t in (query, key, value))
     outputs = []
-    for q0, q1, keys, mask in spans:
-        k, v = _ranges(key, keys), _ranges(value, keys)
+    for q_pieces, k_pieces, mask in plan:
         extra = {"is_causal": True} if isinstance(mask, str) else {"attn_mask": None if mask is None else mask.to(query.device)}
-        outputs.append(F.scaled_dot_product_attention(query[:, :, q0:q1], k, v, dropout_p=dropout, scale=scaling,
-                                                      enable_gqa=gqa, **extra))
+        outputs.append(F.scaled_dot_product_attention(_join(qs, q_pieces), _join(ks, k_pieces), _join(vs, k_pieces),
+                                                      dropout_p=dropout, scale=scaling, enable_gqa=gqa, **extra))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _ranges(states, ranges):
-    """The token ranges of key or value states, along the sequence dim (a view when there is one range)."""
-    if len(ranges) == 1:
-        return states[:, :, ranges[0][0]:ranges[0][1]]
-    return torch.cat([states[:, :, a:b] for a, b in ranges], dim=2)
+def _plan(spans):
+    """The row cut into pieces so that every span's query range and key ranges are runs of whole
+    pieces: (piece sizes, [(query pieces, key pieces, mask)] per span). Worked out once per row
+    and kept on `spans`, since every layer reuses it."""
+    if spans.plan is None:
+        cuts = sorted({c for q0, q1, keys, _ in spans for c in (q0, q1, *(c for r in keys for c in r))})
+        at = {c: i for i, c in enumerate(cuts)}
+        sizes = [b - a for a, b in zip(cuts, cuts[1:])]
+        spans.plan = sizes, [(list(range(at[q0], at[q1])), [i for a, b in keys for i in range(at[a], at[b])], mask)
+                             for q0, q1, keys, mask in spans]
+    return spans.plan
+
+
+def _join(pieces, which):
+    """The pieces `which` of a split tensor, end to end along the sequence dim."""
+    return pieces[which[0]] if len(which) == 1 else torch.cat([pieces[i] for i in which], dim=2)
 
 
 AttentionInterface.register(NAME, packed_attention)

@@ -31,8 +31,10 @@ class Spans(list):
     """(q_start, q_end, key ranges, mask) per span, covering the row in order. mask is None
     (every query sees every key: an encoder), "causal" (keys = queries, causal), or a bool
     (queries, keys) tensor for a sequence's own tokens after a shared prefix. `calls` counts the
-    attention layers that used it, so a model that does not pass them on is caught (train/attention.py)."""
+    attention layers that used it, so a model that does not pass them on is caught (train/attention.py);
+    `plan` is train/attention.py's layout of the row, made by the first layer that reads it."""
     calls = 0
+    plan = None
 
 
 def pack(blocks: list, causal: bool, reward_at: str, types: list = None) -> dict:
