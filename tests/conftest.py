@@ -10,6 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ACCELERATE = str(Path(PYTHON).parent / "accelerate")
+# The suite runs two test files at a time (pytest-xdist, `-n 2` in pyproject.toml). Each worker's
+# 2-process launches get a rendezvous port of their own, so two of them never meet on one port.
+PORT = str(29531 + 10 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0))
+LAUNCH = [ACCELERATE, "launch", "--main_process_port", PORT]
 # Small and fast: a random 2-layer Llama on a few hundred synthetic pairs.
 TINY = ["model=tiny-llama", "datasets.synthetic.n_train=192", "datasets.synthetic.n_test=48",
         "n_eval_examples=48", "batch_size=16", "microbatch_size=8", "eval_every=64"]
@@ -60,7 +64,7 @@ def launch_each(cases, cwd=ROOT, timeout=600) -> list:
 
 def accelerate_launch(args, nproc=2, check=True, extra_env=None, timeout=600):
     config = "accelerate_config/ddp_cpu_2proc.yaml" if nproc == 2 else "accelerate_config/cpu.yaml"
-    proc = subprocess.run([ACCELERATE, "launch", "--config_file", config, "launch.py", *args], cwd=ROOT,
+    proc = subprocess.run([*LAUNCH, "--config_file", config, "launch.py", *args], cwd=ROOT,
                           env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

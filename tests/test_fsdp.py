@@ -11,7 +11,7 @@ import subprocess
 
 import torch
 
-from tests.conftest import (ACCELERATE, PYTHON, ROOT, TINY, env, final_metrics, final_weights, launch, main_in_process,
+from tests.conftest import (LAUNCH, PYTHON, ROOT, TINY, env, final_metrics, final_weights, launch, main_in_process,
                             metrics)
 from train.label import main as label_main
 
@@ -21,7 +21,7 @@ ARGS = [*TINY, "microbatch_size=4", "n_eval_examples=41", "eval_batch_size=4", "
 
 def run(args, config=FSDP, nproc=None, kill_at=None, check=True):
     extra = ["--num_processes", str(nproc)] if nproc else []
-    proc = subprocess.run([ACCELERATE, "launch", "--config_file", config, *extra, "launch.py", *ARGS, *args],
+    proc = subprocess.run([*LAUNCH, "--config_file", config, *extra, "launch.py", *ARGS, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=env(**({"REWARD_HARNESS_KILL_AT": kill_at} if kill_at else {})))
     if check:
@@ -146,7 +146,7 @@ def test_activation_checkpointing_and_bf16_over_fp32_master_weights():
 def test_nonfinite_sharded_weights_are_never_written_as_final(tmp_path):
     """The non-finite check on sharded parameters: the embedding's shards hold an inf after step 12
     (the last); the processes stop together with one line and none writes FINAL."""
-    proc = subprocess.run([ACCELERATE, "launch", "--config_file", FSDP, "launch.py", *ARGS, "on_nonfinite=skip",
+    proc = subprocess.run([*LAUNCH, "--config_file", FSDP, "launch.py", *ARGS, "on_nonfinite=skip",
                            f"cache_dir={tmp_path}", "exp_name=blowup", "save_every=null"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env=env(REWARD_HARNESS_INF_WEIGHTS_AT=12))
     assert proc.returncode != 0 and "non-finite weights" in proc.stderr, proc.stderr[-3000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ACCELERATE, PYTHON, ROOT, env, launch, main_in_process
+from tests.conftest import LAUNCH, PYTHON, ROOT, env, launch, main_in_process
 from train import label as label_module
 from train.data import jsonfile
 from train.data.formatting import encode
@@ -286,7 +286,7 @@ def test_pairwise_is_reproducible_by_seed(run, samples, tmp_path, capsys):
 # ---- processes, resume, memory ----------------------------------------------------------------------
 def test_two_processes_write_what_one_writes(run, samples, scalar, tmp_path):
     out = tmp_path / "two.jsonl"
-    proc = subprocess.run([ACCELERATE, "launch", "--config_file", "accelerate_config/ddp_cpu_2proc.yaml",
+    proc = subprocess.run([*LAUNCH, "--config_file", "accelerate_config/ddp_cpu_2proc.yaml",
                            "-m", "train.label", "--reward_model_path", str(run / "FINAL"), str(samples[0]), str(out)],
                           cwd=ROOT, env=LABEL_ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

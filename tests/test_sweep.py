@@ -14,6 +14,7 @@ import yaml
 from train.build import threads_per_job
 from train.resolvers import job_subdir
 from train.sweep import summarize, write_summary
+from tests.conftest import PORT
 
 ROOT = Path(__file__).resolve().parent.parent
 # A random 2-layer Llama on 128 pairs: 4 optimizer steps of 32 pairs, a few seconds per job.
@@ -213,6 +214,7 @@ def test_optuna_sweep_that_would_minimise_accuracy_is_refused(tmp_path):
 # ---- distributed jobs -------------------------------------------------------------------------------
 def test_each_job_of_a_sweep_runs_on_two_processes_with_the_accelerate_launcher(tmp_path):
     run(["-m", "hydra/launcher=accelerate", "hydra.launcher.config_file=accelerate_config/ddp_cpu_2proc.yaml",
+         f"hydra.launcher.main_process_port={PORT}",
          *TINY, f"cache_dir={tmp_path}", "exp_name=ddp", "lr=1e-4,1e-3"])
     sweep_dir = tmp_path / "ddp"
     found = jobs(sweep_dir)
