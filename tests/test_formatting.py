@@ -70,6 +70,28 @@ def test_chat_template_prompt_and_turns():
     assert decoded.index("user") < decoded.index("hello") < decoded.index("assistant") < decoded.index("hi there")
 
 
+
+@pytest.mark.parametrize("kind", ["bytes", "llama3", "sentencepiece"])
+def test_a_cut_chat_prompt_keeps_the_opening_token_at_position_0(kind):
+    """The first token a cut left would be position 0; a zero-embedding one there (SmolLM2's
+    <|im_end|>) gave NaN gradients on HH-RLHF. The opening token takes its place instead."""
+    t = chat_bpe(kind)
+    turns = [{"role": "user" if k % 2 == 0 else "assistant", "content": random_text(random.Random(k), 120)}
+             for k in range(5)]
+    response = "a short answer"
+    prompt_text, response_text = formatting._texts(t, turns, response)
+    whole = t(prompt_text, add_special_tokens=False)["input_ids"]
+    r = t(response_text, add_special_tokens=False)["input_ids"]
+    opening = t.convert_tokens_to_ids("<|im_start|>")
+    assert whole[0] == opening
+    for max_prompt_length in range(8, 40):
+        ids = encode(t, turns, response, 200, max_prompt_length)["input_ids"]
+        p = ids[:len(ids) - len(r)]
+        assert ids[len(p):] == r and len(p) == max_prompt_length < len(whole)
+        assert p[0] == opening and p[1:] == whole[len(whole) - len(p) + 1:]  # the rest: the prompt's last tokens
+    # Without the rule, most of those cuts would have started on another token.
+    assert sum(whole[len(whole) - n] != opening for n in range(8, 40)) > 20
+
 # ---- a long text is tokenised in a window at its end, with the ids of the whole text -----------------
 WORDS = ["the", "cat", "sat", "Hello", "world", "café", "naïve", "日本語", "🙂", "42", "3.14", "12345",
          "x-ray", "don't", "(yes)", "end.", "<|im_end|>"]

@@ -9,7 +9,8 @@ Two formats:
 Truncation works on token ids, never on strings, so it is exact. The prompt loses tokens from its
 left (the most recent context survives) until it fits max_prompt_length and the pair fits
 max_length, but a long response never pushes it below half of max_length (or below its whole
-max_prompt_length, when that is less). If the response is then still too long:
+max_prompt_length, when that is less). A cut chat prompt keeps the template's opening special
+token (BOS, <|im_start|>) at position 0, in place of the first token the cut left. If the response is then still too long:
 - "keep_end" drops its first tokens: its end, where a decoder reads the score, survives
   ("cut_prompt_left" is the old name of this policy);
 - "keep_start" drops its last tokens, as LLaMA-Factory and HALOs do;
@@ -126,6 +127,23 @@ def _first_tokens(tokenizer, text: str, need: int) -> list:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _keep_opening_token(tokenizer, prompt_text: str, p: list) -> list:
+    """A chat prompt cut from its left keeps the template's opening special token (a BOS,
+    <|im_start|>) in place of the first token the cut left.
+
+    Otherwise position 0 holds whatever token the cut lands on, such as a turn's <|im_end|>.
+    Decoders park much of their attention on position 0, and in the SmolLM2 checkpoint
+    <|im_end|>'s embedding is all zeros: the hidden state there stays zero through every layer, its
+    RMSNorm passes gradients back times 1/sqrt(eps), and on HH-RLHF pairs the gradient grew
+    about 1000x per layer down to NaN. An uncut prompt already starts with the opening token.
+    """
+    opening = _first_tokens(tokenizer, prompt_text, 1)[0]
+    added = tokenizer.added_tokens_decoder.get(opening)  # special tokens a template uses are added ones
+    if (opening in tokenizer.all_special_ids or getattr(added, "special", False)) and p[0] != opening:
+        return [opening] + p[1:]
+    return p
+
+
 def encode(tokenizer, prompt, response: str, max_length: int, max_prompt_length: int,
            truncation: str = DEFAULT_TRUNCATION) -> Optional[dict]:
     """Token ids for one (prompt, response); None when truncation="drop" and it does not fit.
@@ -153,6 +171,8 @@ def encode(tokenizer, prompt, response: str, max_length: int, max_prompt_length:
         p = p[len(p) - min(capped, max(budget - len(r), min(capped, budget // 2))):]
         if len(p) + len(r) > budget:
             r = r[:budget - len(p)] if keep_start else r[len(r) - (budget - len(p)):]
+        if uses_chat_template(tokenizer) and p:
+            p = _keep_opening_token(tokenizer, prompt_text, p)
     ids = pre + p + mid + r + post
     out = {"input_ids": ids, "truncated": not fits}
     if types is not None:

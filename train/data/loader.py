@@ -23,8 +23,9 @@ from train.errors import UserError
 # than this share of a split means model.max_length cuts away what tells the answers apart, and the
 # run would train on far less data than the user gave it, so it stops instead.
 MAX_IDENTICAL_SHARE = 0.02
-# Part of the cache key: bump it when the columns written by tokenize() change.
-CACHE_FORMAT = 3
+# Part of the cache key: bump it when the columns written by tokenize() change, or the ids
+# formatting.encode() gives (4: a cut chat prompt keeps its opening token).
+CACHE_FORMAT = 4
 # Length grouping (epoch_order) sorts spans of this many batches: wide enough that most batches
 # find partners of nearly their length, narrow enough that an epoch's steps stay well mixed.
 GROUP_BATCHES = 64
