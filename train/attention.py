@@ -6,7 +6,12 @@ Registered with transformers as the attention implementation "packed". A forward
 the attention of its queries over its keys with torch's scaled_dot_product_attention, so nothing
 is computed across sequences or over padding. Without `spans` it is plain sdpa with sdpa's masks,
 so the same model still takes ordinary padded batches.
+
+prune_last_layer(): an encoder's last layer, under packed batches, computes only the [CLS] tokens
+that its reward reads.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
@@ -71,3 +76,49 @@ def can_pack(hf_model) -> bool:
     attention function, and uses sdpa or eager attention now."""
     return hf_model.config.model_type in VERIFIED and bool(getattr(hf_model, "_supports_attention_backend", False)) \
         and hf_model.config._attn_implementation in ("sdpa", "eager", NAME)
+
+
+# ---- an encoder's last layer, on its reward tokens only ---------------------------------------------
+def prune_last_layer(hf_model) -> bool:
+    """Under packed batches, the last layer of a BERT encoder computes only what the reward reads:
+    each sequence's first token ([CLS], which the pooler reads). Its keys and values still come
+    from every token; its query, attention output, feed-forward and LayerNorms run on one token
+    per sequence instead of all of them (on MiniLM, 1 of 6 layers). Padded batches run the layer
+    as usual. The layer's forward is replaced on that instance; its weights are untouched."""
+    if hf_model.config.model_type != "bert" or hf_model.config.is_decoder:
+        return False
+    layer = hf_model.base_model.encoder.layer[-1]
+    if not isinstance(layer.forward, functools.partial):  # once per model
+        layer.forward = functools.partial(_reward_tokens_only, layer, layer.forward)
+    return True
+
+
+def _reward_tokens_only(layer, plain_forward, hidden_states, attention_mask=None, *args, spans=None, **kwargs):
+    """BertLayer.forward for packed rows: the outputs at the spans' first tokens, zeros elsewhere
+    (nothing reads them)."""
+    if spans is None:
+        return plain_forward(hidden_states, attention_mask, *args, **kwargs)
+    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device)
+    own = layer.attention.self
+    picked = hidden_states[:, rows]
+    heads, size = own.num_attention_heads, own.attention_head_size
+
+    def by_head(x):  # (1, tokens, heads x size) -> (1, heads, tokens, size)
+        return x.view(1, x.shape[1], heads, size).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(by_head(own.query(picked)), by_head(own.key(hidden_states)),
+                                         by_head(own.value(hidden_states)), attn_mask=sees,
+                                         dropout_p=own.dropout.p if layer.training else 0.0, scale=own.scaling)
+    out = layer.feed_forward_chunk(layer.attention.output(out.transpose(1, 2).reshape(1, len(spans), -1), picked))
+    return hidden_states.new_zeros(hidden_states.shape).index_copy(1, rows, out)
+
+
+@torch.compiler.disable  # a loop over the spans, as in packed_attention
+def _reward_rows(spans, tokens: int, device) -> tuple:
+    """Each span's first token, and a (spans, tokens) mask of the keys each of them sees."""
+    spans.calls += 1
+    sees = torch.zeros(len(spans), tokens, dtype=torch.bool)
+    for j, (_, _, keys, _) in enumerate(spans):
+        for a, b in keys:
+            sees[j, a:b] = True
+    return torch.tensor([q0 for q0, *_ in spans], device=device), sees.to(device)

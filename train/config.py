@@ -86,7 +86,7 @@ class Config:
     write_predictions: bool = False  # write generated_predictions.jsonl for the eval set at the end
     num_workers: int = 0  # DataLoader workers; 0 is fastest for short pre-tokenised pairs
     length_grouping: bool = True  # pairs of similar length share a batch (shuffled by batch): less padding
-    packing: bool = False  # padding-free rows (bert, llama): 2.2x TRL on SmolLM2 + HH, slower on short pairs (README "Speed")
+    packing: bool = True  # padding-free rows where the model allows it (bert, llama); else padded (README "Speed")
     share_prompt: bool = True  # decoders, with packing: the prompt chosen and rejected share is computed once
     compile: bool = False  # torch.compile the model's body (dynamic shapes); pays a compile at start
     wandb: WandbConfig = field(default_factory=WandbConfig)
