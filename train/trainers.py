@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -365,7 +366,11 @@ class BasicTrainer(abc.ABC):
             last = checkpoint.checkpoint_dirs(self.run_dir)[0]
             raise NonFiniteError(f"non-finite loss or gradient at step {state.step + 1}; last good checkpoint: "
                                  f"{last[-1] if last else 'none'} (on_nonfinite=skip skips such steps)")
-        self.scheduler.step()
+        # A skipped step advances the schedule too (it counts steps); torch would warn each time
+        # that the optimizer had not stepped first.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.examples += self.cfg.batch_size
