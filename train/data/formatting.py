@@ -10,7 +10,8 @@ Truncation works on token ids, never on strings, so it is exact. The prompt lose
 left (the most recent context survives) until it fits max_prompt_length and the pair fits
 max_length, but a long response never pushes it below half of max_length (or below its whole
 max_prompt_length, when that is less). A cut chat prompt keeps the template's opening special
-token (BOS, <|im_start|>) at position 0, in place of the first token the cut left. If the response is then still too long:
+token (BOS, <|im_start|>) at position 0, in place of the first token the cut left. If the
+response is then still too long:
 - "keep_end" drops its first tokens: its end, where a decoder reads the score, survives
   ("cut_prompt_left" is the old name of this policy);
 - "keep_start" drops its last tokens, as LLaMA-Factory and HALOs do;
