@@ -105,6 +105,12 @@ def final_weights(run_dir):
     return load_file(str(Path(run_dir) / "FINAL" / "model.safetensors"))
 
 
+def max_gap(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 # The shared run: 12 steps of 16 pairs, a checkpoint every 2 steps (step-8 and step-10 are kept),
 # an eval every 3 steps, eval predictions written.
 SHARED_RUN = [*TINY, "save_every=32", "eval_every=48", "lr=1e-3"]

@@ -70,7 +70,6 @@ def test_chat_template_prompt_and_turns():
     assert decoded.index("user") < decoded.index("hello") < decoded.index("assistant") < decoded.index("hi there")
 
 
-
 @pytest.mark.parametrize("kind", ["bytes", "llama3", "sentencepiece"])
 def test_a_cut_chat_prompt_keeps_the_opening_token_at_position_0(kind):
     """The first token a cut left would be position 0; a zero-embedding one there (SmolLM2's
@@ -91,6 +90,7 @@ def test_a_cut_chat_prompt_keeps_the_opening_token_at_position_0(kind):
         assert p[0] == opening and p[1:] == whole[len(whole) - len(p) + 1:]  # the rest: the prompt's last tokens
     # Without the rule, most of those cuts would have started on another token.
     assert sum(whole[len(whole) - n] != opening for n in range(8, 40)) > 20
+
 
 # ---- a long text is tokenised in a window at its end, with the ids of the whole text -----------------
 WORDS = ["the", "cat", "sat", "Hello", "world", "café", "naïve", "日本語", "🙂", "42", "3.14", "12345",

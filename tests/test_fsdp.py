@@ -12,26 +12,21 @@ import subprocess
 import torch
 
 from tests.conftest import (LAUNCH, PYTHON, ROOT, TINY, env, final_metrics, final_weights, launch, main_in_process,
-                            metrics)
+                            max_gap, metrics)
 from train.label import main as label_main
 
 FSDP = "accelerate_config/fsdp_cpu_2proc.yaml"
 ARGS = [*TINY, "microbatch_size=4", "n_eval_examples=41", "eval_batch_size=4", "save_every=64", "lr=1e-3"]
 
 
-def run(args, config=FSDP, nproc=None, kill_at=None, check=True):
+def run(args, config=FSDP, nproc=None, kill_at=None, check=True, extra_env=None):
     extra = ["--num_processes", str(nproc)] if nproc else []
     proc = subprocess.run([*LAUNCH, "--config_file", config, *extra, "launch.py", *ARGS, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=env(**({"REWARD_HARNESS_KILL_AT": kill_at} if kill_at else {})))
+                          env=env(**({"REWARD_HARNESS_KILL_AT": kill_at} if kill_at else {}), **(extra_env or {})))
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def max_gap(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_sharded_training_matches_ddp_resumes_exactly_and_at_another_process_count(tmp_path, capsys):
@@ -146,8 +141,7 @@ def test_activation_checkpointing_and_bf16_over_fp32_master_weights():
 def test_nonfinite_sharded_weights_are_never_written_as_final(tmp_path):
     """The non-finite check on sharded parameters: the embedding's shards hold an inf after step 12
     (the last); the processes stop together with one line and none writes FINAL."""
-    proc = subprocess.run([*LAUNCH, "--config_file", FSDP, "launch.py", *ARGS, "on_nonfinite=skip",
-                           f"cache_dir={tmp_path}", "exp_name=blowup", "save_every=null"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, env=env(REWARD_HARNESS_INF_WEIGHTS_AT=12))
+    proc = run(["on_nonfinite=skip", f"cache_dir={tmp_path}", "exp_name=blowup", "save_every=null"], check=False,
+               extra_env={"REWARD_HARNESS_INF_WEIGHTS_AT": 12})
     assert proc.returncode != 0 and "non-finite weights" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "blowup" / "FINAL").exists()

@@ -115,7 +115,8 @@ def _reward_tokens_only(layer, plain_forward, hidden_states, attention_mask=None
 
 @torch.compiler.disable  # a loop over the spans, as in packed_attention
 def _reward_rows(spans, tokens: int, device) -> tuple:
-    """Each span's first token, and a (spans, tokens) mask of the keys each of them sees."""
+    """Each span's first token, and a (spans, tokens) mask of the keys each of them sees. Counts
+    the layer in spans.calls, as packed_attention does (here, outside any compiled graph)."""
     spans.calls += 1
     sees = torch.zeros(len(spans), tokens, dtype=torch.bool)
     for j, (_, _, keys, _) in enumerate(spans):
