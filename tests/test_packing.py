@@ -147,3 +147,22 @@ def test_labeling_shares_each_prompt_between_its_samples(models, tokenizer):
     assert torch.allclose(results[True, False], results[False, False], atol=1e-5, rtol=0)
     blocks = Scorer(model, tokenizer, 128, 64, "keep_start", 6).packed_batches(encoded, groups)
     assert [[len(b) for b in batch] for batch in blocks] == [[4], [4], [4], [4]]  # a prompt stays whole
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # inside torch's compile
+def test_compiled_decoder_layers_share_one_graph(tokenizer):
+    """compile=true on a decoder: every layer reuses the first one's graph, with no recompile.
+    A KV cache in the forward (nothing reads it in a reward model) made dynamo guard on each
+    layer's cache slot and recompile per layer, until its limit of 8 left the rest eager."""
+    model = AutoModelForBradleyTerry.from_config(dict(TINY_LLAMA, num_hidden_layers=3),
+                                                 pad_token_id=tokenizer.pad_token_id)
+    spec = model.enable_packing()
+    data = rows(tokenizer)
+    batch = Collator(tokenizer.pad_token_id, spec, share_prompt=True)(data)
+    eager_scores, eager_grads = scores_and_grads(model, collated(model, batch))
+    model.hf_model.base_model.compile(dynamic=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        scores, grads = scores_and_grads(model, collated(model, batch))
+    assert torch.allclose(scores, eager_scores, atol=1e-5, rtol=0)
+    assert (grads - eager_grads).norm() <= 1e-4 * eager_grads.norm()
