@@ -39,9 +39,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     outputs = []
     for q_pieces, k_pieces, mask in plan:
         extra = {"is_causal": True} if isinstance(mask, str) else {"attn_mask": None if mask is None else mask.to(query.device)}
-        outputs.append(F.scaled_dot_product_attention(_join(qs, q_pieces), _join(ks, k_pieces), _join(vs, k_pieces),
-                                                      dropout_p=dropout, scale=scaling, enable_gqa=gqa, **extra))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+        out = F.scaled_dot_product_attention(_join(qs, q_pieces), _join(ks, k_pieces), _join(vs, k_pieces),
+                                             dropout_p=dropout, scale=scaling, enable_gqa=gqa, **extra)
+        outputs.append(out.transpose(1, 2))
+    # sdpa's output is laid out token-major already: joined along the tokens, it is one copy.
+    return torch.cat(outputs, dim=1), None
 
 
 def _plan(spans):
