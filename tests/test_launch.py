@@ -93,12 +93,14 @@ def test_two_processes_equal_one_process(cache):
     assert t1 == pytest.approx(t2, abs=1e-5)
 
 
-def test_compile_trains_what_eager_trains(cache):
+@pytest.mark.parametrize("lora", [False, True])
+def test_compile_trains_what_eager_trains(cache, lora):
     """compile=true (torch.compile of the model body, dynamic shapes, packed attention left out of
-    the graph) is the same training: 4 steps at a learning rate that moves every weight."""
+    the graph) is the same training: 4 steps at a learning rate that moves every weight; with LoRA
+    adapters too."""
     args = ["model=tiny-llama", "datasets.synthetic.n_train=64", "datasets.synthetic.n_test=16",
             "n_eval_examples=16", "batch_size=16", "microbatch_size=8", "do_first_eval=false", "lr=1e-3",
-            f"cache_dir={cache}"]
+            f"cache_dir={cache}", f"model.peft.enabled={str(lora).lower()}"]
     launch([*args, "exp_name=eager"])
     launch([*args, "exp_name=compiled", "compile=true"])
     eager, compiled = Path(cache) / "eager", Path(cache) / "compiled"
