@@ -93,14 +93,14 @@ def test_two_processes_equal_one_process(cache):
     assert t1 == pytest.approx(t2, abs=1e-5)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_compile_trains_what_eager_trains(cache, lora):
+def test_compile_trains_what_eager_trains(cache):
     """compile=true (torch.compile of the model body, dynamic shapes, packed attention left out of
-    the graph) is the same training: 4 steps at a learning rate that moves every weight; with LoRA
-    adapters too."""
+    the graph) is the same training: 4 steps at a learning rate that moves the weights, here with
+    LoRA adapters (they move q/v by about 2e-3, far past the 1e-4 allowed). Without adapters, the
+    compiled forward and backward are compared with eager in tests/test_packing.py."""
     args = ["model=tiny-llama", "datasets.synthetic.n_train=64", "datasets.synthetic.n_test=16",
             "n_eval_examples=16", "batch_size=16", "microbatch_size=8", "do_first_eval=false", "lr=1e-3",
-            f"cache_dir={cache}", f"model.peft.enabled={str(lora).lower()}"]
+            f"cache_dir={cache}", "model.peft.enabled=true"]
     launch([*args, "exp_name=eager"])
     launch([*args, "exp_name=compiled", "compile=true"])
     eager, compiled = Path(cache) / "eager", Path(cache) / "compiled"
