@@ -139,6 +139,11 @@ class AutoModelForBradleyTerry(nn.Module):
             for key, value in vars(hf_model.config).items():  # and keep it off in the saved config
                 if "dropout" in key and isinstance(value, float):
                     setattr(hf_model.config, key, 0.0)
+        # A reward model never generates: a decoder would otherwise build a KV cache in every forward
+        # that nothing reads (and under compile=true, dynamo guarded on each layer's cache slot and
+        # recompiled once per layer). Saved with the config, as the dropout is.
+        if getattr(hf_model.config, "use_cache", False):
+            hf_model.config.use_cache = False
         return cls(hf_model)
 
     def packing(self):
@@ -172,10 +177,7 @@ class AutoModelForBradleyTerry(nn.Module):
         if not self.pools_last_token:
             logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
             return logits[:, 1]
-        # use_cache=False: a decoder would otherwise keep a KV cache that nothing reads (and under
-        # compile=true, guard on it per layer and recompile for each one).
-        hidden = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                          use_cache=False).last_hidden_state
+        hidden = self.hf_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         last = last_token_index(attention_mask)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.hf_model.score(pooled)[:, 1]
@@ -183,8 +185,6 @@ class AutoModelForBradleyTerry(nn.Module):
     def _packed_forward(self, input_ids, position_ids, reward_index, spans, extra) -> torch.Tensor:
         """Rewards of one packed row: one forward, then the head on the reward tokens only."""
         spans.calls = 0
-        if self.pools_last_token:
-            extra["use_cache"] = False  # as in forward()
         hidden = self.hf_model.base_model(input_ids=input_ids, position_ids=position_ids, spans=spans,
                                           **extra).last_hidden_state
         if spans.calls == 0:  # the model did not hand `spans` to its attention: its rewards would be wrong
