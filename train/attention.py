@@ -81,18 +81,17 @@ def can_pack(hf_model) -> bool:
 
 
 # ---- an encoder's last layer, on its reward tokens only ---------------------------------------------
-def prune_last_layer(hf_model) -> bool:
+def prune_last_layer(hf_model):
     """Under packed batches, the last layer of a BERT encoder computes only what the reward reads:
     each sequence's first token ([CLS], which the pooler reads). Its keys and values still come
     from every token; its query, attention output, feed-forward and LayerNorms run on one token
     per sequence instead of all of them (on MiniLM, 1 of 6 layers). Padded batches run the layer
     as usual. The layer's forward is replaced on that instance; its weights are untouched."""
     if hf_model.config.model_type != "bert" or hf_model.config.is_decoder:
-        return False
+        return  # the replacement below is BertLayer's
     layer = hf_model.base_model.encoder.layer[-1]
     if not isinstance(layer.forward, functools.partial):  # once per model
         layer.forward = functools.partial(_reward_tokens_only, layer, layer.forward)
-    return True
 
 
 def _reward_tokens_only(layer, plain_forward, hidden_states, attention_mask=None, *args, spans=None, **kwargs):
