@@ -124,3 +124,17 @@ def test_a_run_saved_before_a_config_key_existed_resumes_while_the_key_keeps_its
     check_resume_config(composed(), str(tmp_path))
     with pytest.raises(UserError, match="cannot resume .*'model' was"):
         check_resume_config(composed("model.peft.enabled=true"), str(tmp_path))
+
+
+def test_a_user_error_leaves_the_process_group_before_exiting(tmp_path):
+    # A distributed process that exits still in its gloo group can die with SIGABRT at interpreter
+    # exit instead of returning its exit code (train/errors.close_process_group).
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=0, world_size=1)\n"
+        "atexit.register(lambda: print('in a group at exit:', dist.is_initialized()))\n"
+        "from train.errors import exit_with_error\n"
+        "exit_with_error('bad value')\n")
+    proc = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("error: bad value"), proc.stderr
+    assert "in a group at exit: False" in proc.stdout
