@@ -7,8 +7,8 @@ the attention of its queries over its keys with torch's scaled_dot_product_atten
 is computed across sequences or over padding. Without `spans` it is plain sdpa with sdpa's masks,
 so the same model still takes ordinary padded batches.
 
-prune_last_layer(): an encoder's last layer, under packed batches, computes only the [CLS] tokens
-that its reward reads.
+prune_last_layer(): under packed batches, the last layer computes only the tokens that the reward
+reads (an encoder's [CLS], a decoder's last token of each sequence).
 """
 import functools
 
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+from transformers.models.llama.modeling_llama import rotate_half
 
 NAME = "packed"
 
@@ -80,47 +81,77 @@ def can_pack(hf_model) -> bool:
         and hf_model.config._attn_implementation in ("sdpa", "eager", NAME)
 
 
-# ---- an encoder's last layer, on its reward tokens only ---------------------------------------------
+# ---- the last layer, on the reward tokens only --------------------------------------------------
 def prune_last_layer(hf_model):
-    """Under packed batches, the last layer of a BERT encoder computes only what the reward reads:
-    each sequence's first token ([CLS], which the pooler reads). Its keys and values still come
-    from every token; its query, attention output, feed-forward and LayerNorms run on one token
-    per sequence instead of all of them (on MiniLM, 1 of 6 layers). Padded batches run the layer
-    as usual. The layer's forward is replaced on that instance; its weights are untouched."""
-    if hf_model.config.model_type != "bert" or hf_model.config.is_decoder:
-        return  # the replacement below is BertLayer's
-    layer = hf_model.base_model.encoder.layer[-1]
+    """Under packed batches, the last layer computes only what the reward reads: one token per
+    sequence, its first ([CLS], which a BERT pooler reads) or, in a decoder, its last. Its keys and
+    values still come from every token; its query, attention output, feed-forward and norms run on
+    one token per sequence instead of all of them (on MiniLM, 1 of 6 layers; on SmolLM2, 1 of 30).
+    Padded batches run the layer as usual. The layer's forward is replaced on that instance; its
+    weights are untouched."""
+    kind = hf_model.config.model_type
+    if kind == "bert" and not hf_model.config.is_decoder:
+        layer, pruned = hf_model.base_model.encoder.layer[-1], _bert_reward_tokens_only
+    elif kind == "llama":
+        layer, pruned = hf_model.base_model.layers[-1], _llama_reward_tokens_only
+    else:
+        return  # the replacements below are BertLayer's and LlamaDecoderLayer's
     if not isinstance(layer.forward, functools.partial):  # once per model
-        layer.forward = functools.partial(_reward_tokens_only, layer, layer.forward)
+        layer.forward = functools.partial(pruned, layer, layer.forward)
 
 
-def _reward_tokens_only(layer, plain_forward, hidden_states, attention_mask=None, *args, spans=None, **kwargs):
+def _bert_reward_tokens_only(layer, plain_forward, hidden_states, attention_mask=None, *args, spans=None, **kwargs):
     """BertLayer.forward for packed rows: the outputs at the spans' first tokens, zeros elsewhere
     (nothing reads them)."""
     if spans is None:
         return plain_forward(hidden_states, attention_mask, *args, **kwargs)
-    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device)
+    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device, last=False)
     own = layer.attention.self
     picked = hidden_states[:, rows]
-    heads, size = own.num_attention_heads, own.attention_head_size
-
-    def by_head(x):  # (1, tokens, heads x size) -> (1, heads, tokens, size)
-        return x.view(1, x.shape[1], heads, size).transpose(1, 2)
-
-    out = F.scaled_dot_product_attention(by_head(own.query(picked)), by_head(own.key(hidden_states)),
-                                         by_head(own.value(hidden_states)), attn_mask=sees,
+    out = F.scaled_dot_product_attention(_by_head(own.query(picked), own.attention_head_size),
+                                         _by_head(own.key(hidden_states), own.attention_head_size),
+                                         _by_head(own.value(hidden_states), own.attention_head_size), attn_mask=sees,
                                          dropout_p=own.dropout.p if layer.training else 0.0, scale=own.scaling)
     out = layer.feed_forward_chunk(layer.attention.output(out.transpose(1, 2).reshape(1, len(spans), -1), picked))
     return hidden_states.new_zeros(hidden_states.shape).index_copy(1, rows, out)
 
 
+def _llama_reward_tokens_only(layer, plain_forward, hidden_states, attention_mask=None, *args, spans=None,
+                              position_embeddings=None, **kwargs):
+    """LlamaDecoderLayer.forward for packed rows: the outputs at the spans' last tokens, zeros
+    elsewhere. A span's last token sees all of that span's keys (the last row of a causal mask)."""
+    if spans is None:
+        return plain_forward(hidden_states, attention_mask, *args, position_embeddings=position_embeddings, **kwargs)
+    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device, last=True)
+    own = layer.self_attn
+    normed = layer.input_layernorm(hidden_states)
+    cos, sin = position_embeddings
+    query = _by_head(own.q_proj(normed[:, rows]), own.head_dim)
+    key = _by_head(own.k_proj(normed), own.head_dim)
+    # apply_rotary_pos_emb rotates a query and a key at the same positions: here they differ.
+    query = query * cos[:, None, rows] + rotate_half(query) * sin[:, None, rows]
+    key = key * cos[:, None] + rotate_half(key) * sin[:, None]
+    out = F.scaled_dot_product_attention(query, key, _by_head(own.v_proj(normed), own.head_dim), attn_mask=sees,
+                                         dropout_p=own.attention_dropout if layer.training else 0.0,
+                                         scale=own.scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = hidden_states[:, rows] + own.o_proj(out.transpose(1, 2).reshape(1, len(spans), -1))
+    out = out + layer.mlp(layer.post_attention_layernorm(out))
+    return hidden_states.new_zeros(hidden_states.shape).index_copy(1, rows, out)
+
+
+def _by_head(x, size):
+    """(1, tokens, heads x size) -> (1, heads, tokens, size)."""
+    return x.view(1, x.shape[1], -1, size).transpose(1, 2)
+
+
 @torch.compiler.disable  # a loop over the spans, as in packed_attention
-def _reward_rows(spans, tokens: int, device) -> tuple:
-    """Each span's first token, and a (spans, tokens) mask of the keys each of them sees. Counts
-    the layer in spans.calls, as packed_attention does (here, outside any compiled graph)."""
+def _reward_rows(spans, tokens: int, device, last: bool) -> tuple:
+    """Each span's first (or last) token, and a (spans, tokens) mask of the keys it sees: all of
+    its span's. Counts the layer in spans.calls, as packed_attention does (here, outside any
+    compiled graph)."""
     spans.calls += 1
     sees = torch.zeros(len(spans), tokens, dtype=torch.bool)
     for j, (_, _, keys, _) in enumerate(spans):
         for a, b in keys:
             sees[j, a:b] = True
-    return torch.tensor([q0 for q0, *_ in spans], device=device), sees.to(device)
+    return torch.tensor([q1 - 1 if last else q0 for q0, q1, *_ in spans], device=device), sees.to(device)

@@ -165,8 +165,7 @@ class AutoModelForBradleyTerry(nn.Module):
         spec = self.packing()
         if spec is not None:
             self.hf_model.set_attn_implementation(attention.NAME)
-            if spec == (False, "first"):  # an encoder: its last layer computes only the [CLS] tokens
-                attention.prune_last_layer(self.hf_model)
+            attention.prune_last_layer(self.hf_model)  # its last layer computes only the reward tokens
         return spec
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
