@@ -134,7 +134,7 @@ def ours(spec: dict, workdir: str) -> dict:
     seconds = train[-1]["train_seconds"]  # the optimizer steps with their data loading, no eval
     pairs = train[-1]["examples"]
     # After the first step, which holds any one-time cost (compile=true compiles in it).
-    after_first = train[-1]["train_seconds"] - train[0]["train_seconds"]
+    after_first = seconds - train[0]["train_seconds"]
     # Real tokens: the new `tokens` field when the harness writes it; before that, tokens_per_s
     # (the attention mask's ones) times each step's seconds (its pairs / pairs_per_s).
     if all("tokens" in r for r in train):

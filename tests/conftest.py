@@ -22,9 +22,9 @@ TINY = ["model=tiny-llama", "datasets.synthetic.n_train=192", "datasets.syntheti
 # With two test files running at a time, a subprocess of each using every core would put two
 # threads on each core, and torch's OpenMP threads spin-wait while another process holds their core:
 # a MiniLM run took 100 s beside another test's run and 19 s alone. So each worker's processes
-# (and the worker itself) take an equal share of the cores.
+# (and the worker itself) take an equal share of the cores, unless OMP_NUM_THREADS says otherwise.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS) if WORKERS > 1 else None
+THREADS = max(1, len(os.sched_getaffinity(0)) // WORKERS) if WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ else None
 if THREADS:
     import torch
     torch.set_num_threads(THREADS)
@@ -33,7 +33,7 @@ if THREADS:
 def env(**extra):
     e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", HF_DATASETS_OFFLINE="1",
              TOKENIZERS_PARALLELISM="false")
-    if THREADS and "OMP_NUM_THREADS" not in os.environ:
+    if THREADS:
         e["OMP_NUM_THREADS"] = str(THREADS)
     e.pop("REWARD_HARNESS_KILL_AT", None)
     e.update({k: str(v) for k, v in extra.items()})

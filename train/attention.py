@@ -105,7 +105,7 @@ def _bert_reward_tokens_only(layer, plain_forward, hidden_states, attention_mask
     (nothing reads them)."""
     if spans is None:
         return plain_forward(hidden_states, attention_mask, *args, **kwargs)
-    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device, last=False)
+    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device)
     own = layer.attention.self
     picked = hidden_states[:, rows]
     out = F.scaled_dot_product_attention(_by_head(own.query(picked), own.attention_head_size),
@@ -122,7 +122,7 @@ def _llama_reward_tokens_only(layer, plain_forward, hidden_states, attention_mas
     elsewhere. A span's last token sees all of that span's keys (the last row of a causal mask)."""
     if spans is None:
         return plain_forward(hidden_states, attention_mask, *args, position_embeddings=position_embeddings, **kwargs)
-    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device, last=True)
+    rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device)
     own = layer.self_attn
     normed = layer.input_layernorm(hidden_states)
     cos, sin = position_embeddings
@@ -145,13 +145,13 @@ def _by_head(x, size):
 
 
 @torch.compiler.disable  # a loop over the spans, as in packed_attention
-def _reward_rows(spans, tokens: int, device, last: bool) -> tuple:
-    """Each span's first (or last) token, and a (spans, tokens) mask of the keys it sees: all of
-    its span's. Counts the layer in spans.calls, as packed_attention does (here, outside any
-    compiled graph)."""
+def _reward_rows(spans, tokens: int, device) -> tuple:
+    """Each span's reward token (pack() chose it: an encoder's first, a decoder's last), and a
+    (spans, tokens) mask of the keys it sees: all of its span's. Counts the layer in spans.calls,
+    as packed_attention does (here, outside any compiled graph)."""
     spans.calls += 1
     sees = torch.zeros(len(spans), tokens, dtype=torch.bool)
     for j, (_, _, keys, _) in enumerate(spans):
         for a, b in keys:
             sees[j, a:b] = True
-    return torch.tensor([q1 - 1 if last else q0 for q0, q1, *_ in spans], device=device), sees.to(device)
+    return torch.tensor(spans.rewards, device=device), sees.to(device)

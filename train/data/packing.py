@@ -32,9 +32,11 @@ class Spans(list):
     (every query sees every key: an encoder), "causal" (keys = queries, causal), or a bool
     (queries, keys) tensor for a sequence's own tokens after a shared prefix. `calls` counts the
     attention layers that used it, so a model that does not pass them on is caught (train/attention.py);
-    `plan` is train/attention.py's layout of the row, made by the first layer that reads it."""
+    `plan` is train/attention.py's layout of the row, made by the first layer that reads it;
+    `rewards` is the token each span's reward is read at (pack's reward_index, in span order)."""
     calls = 0
     plan = None
+    rewards = None
 
 
 def pack(blocks: list, causal: bool, reward_at: str, types: list = None) -> dict:
@@ -69,6 +71,7 @@ def pack(blocks: list, causal: bool, reward_at: str, types: list = None) -> dict
                 mask = torch.ones(n, p + n, dtype=torch.bool)
                 mask[:, p:] = torch.ones(n, n, dtype=torch.bool).tril()
                 spans.append((at, len(ids), ((start, start + p), (at, len(ids))), mask))
+    spans.rewards = list(reward_index)  # one sequence per span; the last layer computes only these
     batch = {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]), "spans": spans,
              "reward_index": torch.tensor(reward_index), "unique_tokens": len(ids), "computed_tokens": len(ids)}
     if types is not None:
