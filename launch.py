@@ -11,7 +11,7 @@ import hydra
 from train.build import build, in_multirun
 from train.checkpoint import final_metrics
 from train.config import check_overrides, create_run_dirs, register
-from train.errors import UserError, close_process_group, exit_with_error, storage_error
+from train.errors import UserError, exit_with_error, leave, storage_error
 
 register()
 # Write failures that are the machine's state, not a bug: one line instead of a traceback.
@@ -51,4 +51,4 @@ if __name__ == "__main__":
     except UserError as err:
         exit_with_error(err)
     main()
-    close_process_group()  # after every job: `accelerate launch launch.py -m` runs them all in one group
+    leave(0)  # after every job: `accelerate launch launch.py -m` runs them all in one group

@@ -127,8 +127,8 @@ def test_a_run_saved_before_a_config_key_existed_resumes_while_the_key_keeps_its
 
 
 def test_a_user_error_leaves_the_process_group_before_exiting(tmp_path):
-    # A distributed process that exits still in its gloo group can die with SIGABRT at interpreter
-    # exit instead of returning its exit code (train/errors.close_process_group).
+    # A distributed process that ends the usual way can die with SIGABRT in the interpreter's
+    # teardown instead of returning its exit code (train/errors.leave).
     script = (
         "import atexit, torch.distributed as dist\n"
         f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=0, world_size=1)\n"
@@ -138,3 +138,9 @@ def test_a_user_error_leaves_the_process_group_before_exiting(tmp_path):
     proc = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("error: bad value"), proc.stderr
     assert "in a group at exit: False" in proc.stdout
+    # A process of a multi-process run (torchrun sets WORLD_SIZE) skips the teardown altogether.
+    (tmp_path / "rendezvous").unlink(missing_ok=True)
+    proc = subprocess.run([PYTHON, "-c", script], cwd=ROOT, env=env(WORLD_SIZE=2), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("error: bad value"), proc.stderr
+    assert "in a group at exit" not in proc.stdout

@@ -39,7 +39,7 @@ from train.data.formatting import TRUNCATION_POLICIES
 from train.data.batching import model_inputs
 from train.data.loader import Collator, load_examples, select, tokenize
 from train.data.options import checked_source_options
-from train.errors import UserError, exit_with_error, storage_error
+from train.errors import UserError, exit_with_error, leave, storage_error
 from train.labeling.scoring import load_reward_model, model_kind, run_config, settings
 from train.models import DTYPES
 
@@ -340,3 +340,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    leave(0)  # a distributed process ends at once (train/errors.py)

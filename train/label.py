@@ -28,7 +28,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from train import atomic
-from train.errors import UserError, exit_with_error
+from train.errors import UserError, exit_with_error, leave
 from train.labeling import feedback
 from train.labeling.partial import PartialFile, header, partial_path
 from train.labeling.samples import read_samples
@@ -252,3 +252,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    leave(0)  # a distributed process ends at once (train/errors.py)
