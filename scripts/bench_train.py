@@ -95,6 +95,12 @@ def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size ** 3 * repeats / best
 
 
+def during(probes: list):
+    """The matmul FLOP/s that a run's steps ran under: the probes after them, weighted by step seconds."""
+    seconds = sum(s for s, _ in probes)
+    return sum(s * rate for s, rate in probes) / seconds if seconds else None
+
+
 # ---- this harness -----------------------------------------------------------------------------
 def ours(spec: dict, workdir: str) -> dict:
     from hydra import compose, initialize_config_dir
@@ -126,6 +132,18 @@ def ours(spec: dict, workdir: str) -> dict:
         return evaluate(final=final)
 
     trainer.evaluate = evaluate_after_reading_the_peak
+    # This machine's matmul speed drifts by a quarter from minute to minute (another tenant, the
+    # clock), so one matmul timed after the run says little of the speed during each step. A short
+    # matmul right after every step gives the ceiling the step ran under; it is not in train_seconds.
+    probes, train_step = [], trainer.train_step
+
+    def step_then_probe(batches):
+        before = trainer.state.train_seconds
+        out = train_step(batches)
+        probes.append((trainer.state.train_seconds - before, matmul_flops(repeats=2)))
+        return out
+
+    trainer.train_step = step_then_probe
     was_reset = reset_peak_memory()
     trainer.train()
     trainer.cleanup()
@@ -149,11 +167,16 @@ def ours(spec: dict, workdir: str) -> dict:
     final = json.load(open(os.path.join(workdir, "bench", "FINAL", "metrics.json")))
     return {"trainer": "ours", "pairs": pairs, "steps": len(train), "seconds": seconds, "pairs_per_s": pairs / seconds,
             "pairs_per_s_after_first_step": (pairs - train[0]["examples"]) / after_first if len(train) > 1 else None,
+            "seconds_after_first_step": after_first if len(train) > 1 else None,
+            "unique_tokens_after_first_step": unique - train[0].get("unique_tokens", train[0].get("tokens", 0))
+            if len(train) > 1 and "tokens" in train[0] else None,
             "tokens": tokens, "tokens_source": source, "computed_tokens": computed, "unique_tokens": unique,
             "tokens_per_s": tokens / seconds, "non_embedding_params": non_embedding_params(trainer.model),
             "accuracy": final["accuracy"], "n_test": final["n_pairs"],
             "truncated_train": final.get("data_train_truncated"), "dropped_train": final.get("data_train_dropped", 0),
             "overrides": spec.get("ours_extra", []), **params, **memory, "matmul_flops": matmul_flops(),
+            "matmul_flops_during": during(probes), "matmul_flops_during_after_first_step": during(probes[1:]),
+            "step_probes": probes,
             "peak_rss_mb": peak_rss_mb()}
 
 

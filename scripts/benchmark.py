@@ -12,7 +12,11 @@ by side in one run, on pairs of the real file (--real_data):
                             each side's held-out accuracy (trained on a real split) beside it
   padding_waste             token positions computed / real tokens, this harness, on the speed pairs
   hardware_efficiency       (6 x per-token params x real tokens + 12 x layers x width x sum of squared
-                            lengths) / train seconds, / an fp32 matmul's FLOP/s in the same process
+                            lengths) / train seconds, / an fp32 matmul's FLOP/s in the same process, timed
+                            right after every step (the machine's speed drifts) and weighted by step seconds
+  hardware_efficiency_compiled  (--compile) the same for compile=true over the steps after the first (which
+                            compiles), the attention term prorated by tokens; runs[].eager_after_first_step
+                            is eager's over the same steps, for comparison
   label_vs_bare_forward     python -m train.label end to end / a bare batched forward without prefix sharing
   label_prefix_sharing_speedup  the labeler with prefix sharing, 4 samples per prompt / the same bare forward
   lora_*                    (section lora) LoRA vs full fine-tuning of the same model: trainable parameters,
@@ -51,6 +55,7 @@ TRL_BEST = {"train_sampling_strategy": "group_by_length", "remove_unused_columns
 TARGETS = {"train_speedup_vs_trl": (">=", 2.0), "train_speedup_compiled_vs_trl": (">=", 2.0),
            "compile_speedup_after_first_step": (">", 1.0),
            "padding_waste": ("<=", 1.05), "hardware_efficiency": (">=", 0.6),
+           "hardware_efficiency_compiled": (">=", 0.6),
            "label_vs_bare_forward": (">=", 0.9), "label_prefix_sharing_speedup": (">=", 1.5),
            "fsdp_memory_vs_ddp": ("about", 0.5)}
 MODELS = ("minilm", "smollm2")
@@ -193,7 +198,17 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
         model_flops = 6 * r["non_embedding_params"] * r.get("unique_tokens", r["tokens"])  # real tokens computed
         r["achieved_flops_6n"] = model_flops / r["seconds"]
         r["achieved_flops"] = (model_flops + attention_per_sq * stats["ours_sum_sq"]) / r["seconds"]
-        return r["achieved_flops"] / r["matmul_flops"]
+        return r["achieved_flops"] / (r.get("matmul_flops_during") or r["matmul_flops"])
+
+    def steady_efficiency(r: dict):
+        """efficiency() over the steps after the first: a compiled model's speed once compiled."""
+        if "error" in r or not r.get("seconds_after_first_step") or not r.get("unique_tokens_after_first_step"):
+            return None
+        unique = r["unique_tokens_after_first_step"]
+        flops = 6 * r["non_embedding_params"] * unique + attention_per_sq * stats["ours_sum_sq"] * unique / r[
+            "unique_tokens"]
+        return flops / r["seconds_after_first_step"] / (r.get("matmul_flops_during_after_first_step")
+                                                        or r["matmul_flops"])
 
     def waste(r: dict):
         if "error" in r or r.get("computed_tokens") is None:
@@ -219,6 +234,14 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
         out["compile_speedup_after_first_step"] = figure(
             "compile_speedup_after_first_step", values, [{w: run[w] for w in ("ours", "ours_compile")} for run in runs],
             note="compile=true vs eager, pairs/s over the steps after the first")
+        out["hardware_efficiency_compiled"] = figure(
+            "hardware_efficiency_compiled", [steady_efficiency(run["ours_compile"]) for run in runs],
+            [{"achieved_over_matmul": steady_efficiency(run["ours_compile"]),
+              "eager_after_first_step": steady_efficiency(run["ours"]),
+              **{k: run["ours_compile"].get(k) for k in ("seconds_after_first_step", "unique_tokens_after_first_step",
+                                                         "matmul_flops_during_after_first_step", "error")
+                 if k in run["ours_compile"]}}
+             for run in runs])
     if args.compile and "ours_compile" not in variants:
         out["train_speedup_compiled_vs_trl"] = {"error": f"compile not supported: {compile_missing}"}
     trl_waste = [waste(run["trl"]) for run in runs if "trl" in run]
@@ -229,7 +252,8 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
     if not any("error" in r for r in ours_runs) and all(r.get("computed_tokens") is None for r in ours_runs):
         out["padding_waste"]["error"] = "not logged: the harness's metrics have no computed_tokens yet"
     out["hardware_efficiency"] = figure("hardware_efficiency", [efficiency(r) for r in ours_runs], [
-        {k: r.get(k) for k in ("achieved_flops", "achieved_flops_6n", "matmul_flops", "tokens", "seconds",
+        {k: r.get(k) for k in ("achieved_flops", "achieved_flops_6n", "matmul_flops", "matmul_flops_during",
+                               "step_probes", "tokens", "seconds",
                                "non_embedding_params", "error") if k in r} for r in ours_runs],
         attention_flops_per_squared_length=attention_per_sq, sum_squared_lengths=stats["ours_sum_sq"])
     return out
@@ -339,10 +363,14 @@ def notes(key: str, fig: dict) -> str:
         return text
     if key == "hardware_efficiency" and runs:
         achieved = [r["achieved_flops"] for r in runs if "achieved_flops" in r]
-        peak = [r["matmul_flops"] for r in runs if "matmul_flops" in r]
+        peak = [r.get("matmul_flops_during") or r["matmul_flops"] for r in runs if "matmul_flops" in r]
         if achieved:
             return (f"{statistics.median(achieved) / 1e9:.3g} GFLOP/s of a {statistics.median(peak) / 1e9:.3g} "
                     "GFLOP/s matmul (medians)")
+    if key == "hardware_efficiency_compiled" and runs:
+        eager = [r["eager_after_first_step"] for r in runs if r.get("eager_after_first_step")]
+        if eager:
+            return f"steps after the first; eager over the same steps {statistics.median(eager):.2f} (median)"
     if key.startswith("label") and runs:
         rate = [r.get("label_shared_samples_per_s" if "sharing" in key else "label_samples_per_s") for r in runs]
         bare = [r.get("bare_samples_per_s") for r in runs]
