@@ -168,8 +168,8 @@ def ours(spec: dict, workdir: str) -> dict:
     return {"trainer": "ours", "pairs": pairs, "steps": len(train), "seconds": seconds, "pairs_per_s": pairs / seconds,
             "pairs_per_s_after_first_step": (pairs - train[0]["examples"]) / after_first if len(train) > 1 else None,
             "seconds_after_first_step": after_first if len(train) > 1 else None,
-            "unique_tokens_after_first_step": unique - train[0].get("unique_tokens", train[0].get("tokens", 0))
-            if len(train) > 1 and "tokens" in train[0] else None,
+            "unique_tokens_after_first_step": unique - train[0]["unique_tokens"]
+            if len(train) > 1 and "unique_tokens" in train[0] else None,
             "tokens": tokens, "tokens_source": source, "computed_tokens": computed, "unique_tokens": unique,
             "tokens_per_s": tokens / seconds, "non_embedding_params": non_embedding_params(trainer.model),
             "accuracy": final["accuracy"], "n_test": final["n_pairs"],

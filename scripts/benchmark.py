@@ -192,23 +192,26 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
     config = AutoConfig.from_pretrained(base["model_path"])
     attention_per_sq = 12 * config.num_hidden_layers * config.hidden_size  # QK^T and AV, forward + backward
 
+    def run_flops(r: dict, unique: int) -> tuple:
+        """(6N, 6N + attention) FLOPs of `unique` of the run's real tokens computed; the attention
+        term, known for the whole run, is prorated by tokens."""
+        model_flops = 6 * r["non_embedding_params"] * unique
+        return model_flops, model_flops + attention_per_sq * stats["ours_sum_sq"] * unique / r["unique_tokens"]
+
     def efficiency(r: dict):
         if "error" in r:
             return None
-        model_flops = 6 * r["non_embedding_params"] * r.get("unique_tokens", r["tokens"])  # real tokens computed
+        model_flops, flops = run_flops(r, r["unique_tokens"])
         r["achieved_flops_6n"] = model_flops / r["seconds"]
-        r["achieved_flops"] = (model_flops + attention_per_sq * stats["ours_sum_sq"]) / r["seconds"]
-        return r["achieved_flops"] / (r.get("matmul_flops_during") or r["matmul_flops"])
+        r["achieved_flops"] = flops / r["seconds"]
+        return r["achieved_flops"] / r["matmul_flops_during"]
 
     def steady_efficiency(r: dict):
         """efficiency() over the steps after the first: a compiled model's speed once compiled."""
         if "error" in r or not r.get("seconds_after_first_step") or not r.get("unique_tokens_after_first_step"):
             return None
-        unique = r["unique_tokens_after_first_step"]
-        flops = 6 * r["non_embedding_params"] * unique + attention_per_sq * stats["ours_sum_sq"] * unique / r[
-            "unique_tokens"]
-        return flops / r["seconds_after_first_step"] / (r.get("matmul_flops_during_after_first_step")
-                                                        or r["matmul_flops"])
+        _, flops = run_flops(r, r["unique_tokens_after_first_step"])
+        return flops / r["seconds_after_first_step"] / r["matmul_flops_during_after_first_step"]
 
     def waste(r: dict):
         if "error" in r or r.get("computed_tokens") is None:
@@ -363,7 +366,7 @@ def notes(key: str, fig: dict) -> str:
         return text
     if key == "hardware_efficiency" and runs:
         achieved = [r["achieved_flops"] for r in runs if "achieved_flops" in r]
-        peak = [r.get("matmul_flops_during") or r["matmul_flops"] for r in runs if "matmul_flops" in r]
+        peak = [r["matmul_flops_during"] for r in runs if "matmul_flops_during" in r]
         if achieved:
             return (f"{statistics.median(achieved) / 1e9:.3g} GFLOP/s of a {statistics.median(peak) / 1e9:.3g} "
                     "GFLOP/s matmul (medians)")
