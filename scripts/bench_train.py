@@ -10,7 +10,9 @@ spec names a test file to score, and an fp32 matmul measured in the same process
 Spec keys: train_file, test_file (JSONL of {prompt, chosen, rejected}), n_test (pairs scored),
 model (our config group: minilm | smollm2), model_path, chat (the tokenizer has a chat template),
 trl_eos (TRL's eos_token; None: the tokenizer's), batch_size, max_length, max_prompt_length,
-truncation, lr, warmup, seed, threads, ours_extra (Hydra overrides), trl_extra (RewardConfig fields).
+truncation, lr, warmup, seed, threads, mixed_precision ("no" | "bf16": autocast on both sides, fp32
+weights; the matmul ceiling is then a bf16 matmul), trl_attn (TRL's attn_implementation; None: the
+model's default), ours_extra (Hydra overrides), trl_extra (RewardConfig fields).
 """
 import argparse
 import dataclasses
@@ -76,12 +78,19 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if not any(k in name for k in per_sequence))
 
 
-def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
-    """fp32 matmul FLOP/s in this process, with its thread count: the ceiling for training FLOP/s.
-    The best of three timings, as a matmul that another process disturbed says little of the device."""
+def compute_dtype(spec: dict):
+    """The dtype the run's matmuls compute in: bf16 under mixed_precision bf16, else fp32."""
+    import torch
+    return torch.bfloat16 if spec.get("mixed_precision", "no") == "bf16" else torch.float32
+
+
+def matmul_flops(size: int = 2048, repeats: int = 10, dtype=None) -> float:
+    """matmul FLOP/s (fp32 unless `dtype`) in this process, with its thread count: the ceiling for
+    training FLOP/s. The best of three timings, as a matmul that another process disturbed says
+    little of the device."""
     import torch
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype or torch.float32) for _ in range(2))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b  # warm up the kernels
     best = float("inf")
@@ -109,6 +118,8 @@ def ours(spec: dict, workdir: str) -> dict:
     from train.config import register
 
     bs, n_test = spec["batch_size"], spec["n_test"]
+    os.environ["ACCELERATE_MIXED_PRECISION"] = spec.get("mixed_precision", "no")  # what accelerate launch sets
+    dtype = compute_dtype(spec)
     register()
     overrides = [f"cache_dir={workdir}", "exp_name=bench", "datasets=[jsonl]",
                  f"++datasets.jsonl.path={spec['train_file']}", f"++datasets.jsonl.test_path={spec['test_file']}",
@@ -140,7 +151,7 @@ def ours(spec: dict, workdir: str) -> dict:
     def step_then_probe(batches):
         before = trainer.state.train_seconds
         out = train_step(batches)
-        probes.append((trainer.state.train_seconds - before, matmul_flops(repeats=2)))
+        probes.append((trainer.state.train_seconds - before, matmul_flops(repeats=2, dtype=dtype)))
         return out
 
     trainer.train_step = step_then_probe
@@ -172,9 +183,9 @@ def ours(spec: dict, workdir: str) -> dict:
             if len(train) > 1 and "unique_tokens" in train[0] else None,
             "tokens": tokens, "tokens_source": source, "computed_tokens": computed, "unique_tokens": unique,
             "tokens_per_s": tokens / seconds, "non_embedding_params": non_embedding_params(trainer.model),
-            "accuracy": final["accuracy"], "n_test": final["n_pairs"],
+            "accuracy": final["accuracy"], "n_test": final["n_pairs"], "mixed_precision": train[-1].get("mixed_precision"),
             "truncated_train": final.get("data_train_truncated"), "dropped_train": final.get("data_train_dropped", 0),
-            "overrides": spec.get("ours_extra", []), **params, **memory, "matmul_flops": matmul_flops(),
+            "overrides": spec.get("ours_extra", []), **params, **memory, "matmul_flops": matmul_flops(dtype=dtype),
             "matmul_flops_during": during(probes), "matmul_flops_during_after_first_step": during(probes[1:]),
             "step_probes": probes,
             "peak_rss_mb": peak_rss_mb()}
@@ -231,12 +242,14 @@ def trl(spec: dict, workdir: str) -> dict:
                          for p, c, r in zip(columns["prompt"], columns["chosen"], columns["rejected"])]
     extra, missing = trl_best_config(spec.get("trl_extra", {}))
     torch.manual_seed(spec["seed"])
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    attention = {"attn_implementation": spec["trl_attn"]} if spec.get("trl_attn") else {}
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32, **attention)
+    bf16 = spec.get("mixed_precision", "no") == "bf16"  # autocast over fp32 weights, as ours
     config = RewardConfig(output_dir=workdir, per_device_train_batch_size=bs, num_train_epochs=1,
                           learning_rate=spec["lr"], warmup_steps=spec["warmup"], max_length=length, seed=spec["seed"],
                           report_to=[], save_strategy="no", logging_steps=10**9, eos_token=spec.get("trl_eos"),
                           use_cpu=not torch.cuda.is_available(), disable_dropout=True, dataloader_num_workers=0,
-                          bf16=False, fp16=False, gradient_checkpointing=False, **extra)
+                          bf16=bf16, fp16=False, gradient_checkpointing=False, **extra)
 
     class StepTimer(TrainerCallback):
         """Seconds from the start of the epoch to each step's end: the steps with their data
@@ -269,10 +282,11 @@ def trl(spec: dict, workdir: str) -> dict:
               "pairs_per_s": pairs / timer.seconds, **counts, "tokens_per_s": counts["tokens"] / timer.seconds,
               "non_embedding_params": non_embedding_params(model),
               "dropped_train": len(rows) - len(trainer.train_dataset),
-              "config": extra, "config_missing": missing}
+              "config": extra, "config_missing": missing, "mixed_precision": trainer.accelerator.mixed_precision,
+              "attn_implementation": model.config._attn_implementation}
     if spec.get("test_file"):
         result.update(trl_accuracy(model, tokenizer, spec, eos))
-    return {**result, "matmul_flops": matmul_flops(), "peak_rss_mb": peak_rss_mb()}
+    return {**result, "matmul_flops": matmul_flops(dtype=compute_dtype(spec)), "peak_rss_mb": peak_rss_mb()}
 
 
 def trl_accuracy(model, tokenizer, spec: dict, eos: str) -> dict:

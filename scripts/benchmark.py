@@ -3,6 +3,7 @@
     python scripts/benchmark.py --out bench.json                     # everything, both models
     python scripts/benchmark.py --models minilm --only speed --repeat 1 --speed_pairs 32
     python scripts/benchmark.py --real_data ../shared/data/hh-rlhf-harmless/harmless-base-test.jsonl.gz
+    python scripts/benchmark.py --mixed_precision bf16 --only speed   # both trainers in bf16 autocast
 
 For each model (minilm: the bundled encoder; smollm2: a decoder, model=smollm2) it measures, side
 by side in one run, on pairs of the real file (--real_data):
@@ -26,6 +27,9 @@ Every figure is the min and the median over --repeat repeats; the trainers run i
 order alternates per repeat), each run in a fresh process with the same thread counts. The
 targets are printed beside the figures, never asserted. --out writes every repeat's raw numbers.
 Timings are noisy on a busy or small machine: see "machine" in the JSON.
+--mixed_precision bf16 trains both sides under bf16 autocast over fp32 weights (ours through
+accelerate's mixed_precision, TRL with bf16=True) in the speed, accuracy and lora sections, and the
+efficiency's ceiling is then a bf16 matmul; labeling stays fp32.
 """
 import argparse
 import contextlib
@@ -222,7 +226,7 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
     out = {"speed_setup": {"pairs_used": len(chosen), "pairs_wanted": want, **stats, "batch_size": args.batch_size,
                            "max_length": size["max_length"], "ours_options": fast,
                            "ours_options_missing": fast_missing, "compile_missing": compile_missing,
-                           "trl_options": TRL_BEST if has_trl else None}}
+                           "trl_options": TRL_BEST if has_trl else None, "mixed_precision": args.mixed_precision}}
     if has_trl:
         for which, key in (("ours", "train_speedup_vs_trl"), ("ours_compile", "train_speedup_compiled_vs_trl")):
             if which in variants:
@@ -258,7 +262,8 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
         {k: r.get(k) for k in ("achieved_flops", "achieved_flops_6n", "matmul_flops", "matmul_flops_during",
                                "step_probes", "tokens", "seconds",
                                "non_embedding_params", "error") if k in r} for r in ours_runs],
-        attention_flops_per_squared_length=attention_per_sq, sum_squared_lengths=stats["ours_sum_sq"])
+        attention_flops_per_squared_length=attention_per_sq, sum_squared_lengths=stats["ours_sum_sq"],
+        mixed_precision=args.mixed_precision)
     return out
 
 
@@ -278,7 +283,7 @@ def model_block(name: str, args, pairs: list, workdir: str) -> dict:
     trl_eos = None if chat else tokenizer.eos_token or tokenizer.sep_token
     base = {"model": name, "model_path": path, "chat": chat, "trl_eos": trl_eos, "batch_size": args.batch_size,
             "max_length": size["max_length"], "lr": args.lr, "warmup": args.warmup, "seed": 0,
-            "threads": args.threads}
+            "threads": args.threads, "mixed_precision": args.mixed_precision}
     has_trl = importlib.util.find_spec("trl") is not None
     block = {"model_path": path, "sizes": size}
     sections = args.only or SECTIONS
@@ -368,8 +373,9 @@ def notes(key: str, fig: dict) -> str:
         achieved = [r["achieved_flops"] for r in runs if "achieved_flops" in r]
         peak = [r["matmul_flops_during"] for r in runs if "matmul_flops_during" in r]
         if achieved:
+            dtype = "bf16" if fig.get("mixed_precision") == "bf16" else "fp32"
             return (f"{statistics.median(achieved) / 1e9:.3g} GFLOP/s of a {statistics.median(peak) / 1e9:.3g} "
-                    "GFLOP/s matmul (medians)")
+                    f"GFLOP/s {dtype} matmul (medians)")
     if key == "hardware_efficiency_compiled" and runs:
         eager = [r["eager_after_first_step"] for r in runs if r.get("eager_after_first_step")]
         if eager:
@@ -431,6 +437,9 @@ def add_arguments(parser):
     parser.add_argument("--ours_options", nargs="*", default=OURS_FAST,
                         help="Hydra overrides for our fast settings, each used if the config knows it (default: %(default)s)")
     parser.add_argument("--compile", action="store_true", help="also time ours with compile=true")
+    parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
+                        help="training precision of both trainers: fp32, or bf16 autocast over fp32 weights "
+                             "(a GPU, or a CPU with bf16 matmuls such as AMX; default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a training run is given up")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
@@ -493,6 +502,8 @@ def main(argv=None):
             save()
     results["seconds"] = time.perf_counter() - started
     save()
+    if args.mixed_precision != "no":
+        print(f"training precision: {args.mixed_precision} autocast over fp32 weights, both trainers\n")
     print(table(results))
     if args.out:
         print(f"\nraw figures: {args.out}")

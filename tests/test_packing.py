@@ -105,6 +105,30 @@ def test_padded_packed_and_prompt_shared_forwards_match_forwards_alone(models, t
         assert shared["unique_tokens"] == shared["tokens"]
 
 
+@pytest.mark.parametrize("name", ["minilm", "tiny-llama"])
+def test_packed_attention_computes_in_fp32_under_bf16_autocast_on_cpu(models, tokenizer, name, monkeypatch):
+    """torch's CPU flash attention is slower in bf16 than in fp32, so under bf16 autocast the packed
+    attention (and the last layer's) gets fp32 inputs; the rest of the model still runs in bf16, and
+    the scores and gradient stay those of fp32 up to bf16 rounding."""
+    model = models[name]
+    spec = model.enable_packing()
+    batch = Collator(tokenizer.pad_token_id, spec, share_prompt=True)(rows(tokenizer))
+    ref_scores, ref_grads = scores_and_grads(model, collated(model, batch))
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        seen.append({query.dtype, key.dtype, value.dtype})
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, grads = scores_and_grads(model, collated(model, batch))
+    assert seen and all(dtypes == {torch.float32} for dtypes in seen), seen
+    assert scores.dtype == torch.bfloat16  # the head ran in bf16: autocast was on around the attention
+    assert torch.allclose(scores.float(), ref_scores, atol=0.05, rtol=0.05), (scores.float() - ref_scores).abs().max()
+    assert F.cosine_similarity(grads, ref_grads, dim=0) > 0.99
+
+
 def test_pack_keeps_sequences_apart_and_continues_positions():
     batch = pack([[[1, 2, 3, 4], [1, 2, 5]], [[7, 8]]], causal=True, reward_at="last")
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 7, 8]]

@@ -10,6 +10,7 @@ so the same model still takes ordinary padded batches.
 prune_last_layer(): under packed batches, the last layer computes only the tokens that the reward
 reads (an encoder's [CLS], a decoder's last token of each sequence).
 """
+import contextlib
 import functools
 
 import torch
@@ -34,17 +35,37 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     spans.calls += 1
     gqa = query.shape[1] != key.shape[1]
     sizes, plan = _plan(spans)
-    # One split per tensor, not one slice per span: a slice's backward writes a zero tensor the size
-    # of the whole row, so slicing made the backward quadratic in the number of sequences per row.
-    qs, ks, vs = (t.split(sizes, dim=2) for t in (query, key, value))
     outputs = []
-    for q_pieces, k_pieces, mask in plan:
-        extra = {"is_causal": True} if isinstance(mask, str) else {"attn_mask": None if mask is None else mask.to(query.device)}
-        out = F.scaled_dot_product_attention(_join(qs, q_pieces), _join(ks, k_pieces), _join(vs, k_pieces),
-                                             dropout_p=dropout, scale=scaling, enable_gqa=gqa, **extra)
-        outputs.append(out.transpose(1, 2))
+    context, tensors = _fp32_on_cpu(query, key, value)
+    with context:
+        # One split per tensor, not one slice per span: a slice's backward writes a zero tensor the size
+        # of the whole row, so slicing made the backward quadratic in the number of sequences per row.
+        qs, ks, vs = (t.split(sizes, dim=2) for t in tensors)
+        for q_pieces, k_pieces, mask in plan:
+            extra = {"is_causal": True} if isinstance(mask, str) else {"attn_mask": None if mask is None else mask.to(query.device)}
+            out = F.scaled_dot_product_attention(_join(qs, q_pieces), _join(ks, k_pieces), _join(vs, k_pieces),
+                                                 dropout_p=dropout, scale=scaling, enable_gqa=gqa, **extra)
+            outputs.append(out.transpose(1, 2))
     # sdpa's output is laid out token-major already: joined along the tokens, it is one copy.
-    return torch.cat(outputs, dim=1), None
+    return torch.cat(outputs, dim=1).to(query.dtype), None
+
+
+def _fp32_on_cpu(*tensors):
+    """(a context, the tensors to attend with): float32, with CPU autocast off (it would cast them
+    back down), when they are on a CPU and any is bf16/fp16; else as they are. Under bf16 autocast on
+    a CPU, torch's flash-attention kernel ran 3x slower than in fp32 (its backward 4x) on MiniLM's
+    shapes and took 40% of a step on HH pairs; fp32 attention is also the more exact. A GPU keeps its
+    bf16 kernels."""
+    if any(t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16) for t in tensors):
+        return torch.autocast("cpu", enabled=False), tuple(t.float() for t in tensors)
+    return contextlib.nullcontext(), tensors
+
+
+def _attend(query, key, value, **kwargs):
+    """scaled_dot_product_attention through _fp32_on_cpu; the output in the query's dtype."""
+    context, (q, k, v) = _fp32_on_cpu(query, key, value)
+    with context:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs).to(query.dtype)
 
 
 def _plan(spans):
@@ -108,10 +129,10 @@ def _bert_reward_tokens_only(layer, plain_forward, hidden_states, attention_mask
     rows, sees = _reward_rows(spans, hidden_states.shape[1], hidden_states.device)
     own = layer.attention.self
     picked = hidden_states[:, rows]
-    out = F.scaled_dot_product_attention(_by_head(own.query(picked), own.attention_head_size),
-                                         _by_head(own.key(hidden_states), own.attention_head_size),
-                                         _by_head(own.value(hidden_states), own.attention_head_size), attn_mask=sees,
-                                         dropout_p=own.dropout.p if layer.training else 0.0, scale=own.scaling)
+    out = _attend(_by_head(own.query(picked), own.attention_head_size),
+                  _by_head(own.key(hidden_states), own.attention_head_size),
+                  _by_head(own.value(hidden_states), own.attention_head_size), attn_mask=sees,
+                  dropout_p=own.dropout.p if layer.training else 0.0, scale=own.scaling)
     out = layer.feed_forward_chunk(layer.attention.output(out.transpose(1, 2).reshape(1, len(spans), -1), picked))
     return hidden_states.new_zeros(hidden_states.shape).index_copy(1, rows, out)
 
@@ -131,9 +152,9 @@ def _llama_reward_tokens_only(layer, plain_forward, hidden_states, attention_mas
     # apply_rotary_pos_emb rotates a query and a key at the same positions: here they differ.
     query = query * cos[:, None, rows] + rotate_half(query) * sin[:, None, rows]
     key = key * cos[:, None] + rotate_half(key) * sin[:, None]
-    out = F.scaled_dot_product_attention(query, key, _by_head(own.v_proj(normed), own.head_dim), attn_mask=sees,
-                                         dropout_p=own.attention_dropout if layer.training else 0.0,
-                                         scale=own.scaling, enable_gqa=query.shape[1] != key.shape[1])
+    out = _attend(query, key, _by_head(own.v_proj(normed), own.head_dim), attn_mask=sees,
+                  dropout_p=own.attention_dropout if layer.training else 0.0,
+                  scale=own.scaling, enable_gqa=query.shape[1] != key.shape[1])
     out = hidden_states[:, rows] + own.o_proj(out.transpose(1, 2).reshape(1, len(spans), -1))
     out = out + layer.mlp(layer.post_attention_layernorm(out))
     return hidden_states.new_zeros(hidden_states.shape).index_copy(1, rows, out)

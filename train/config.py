@@ -48,7 +48,7 @@ class ModelConfig:
     name_or_path: Optional[str] = MISSING  # local dir or hub id (required); null only with init_config
     tokenizer_name_or_path: Optional[str] = None  # None -> name_or_path
     init_config: Optional[Dict[str, Any]] = None  # build a random model from this architecture instead
-    dtype: str = "float32"  # float32 | bfloat16 | float16; CPUs here have no fast bf16
+    dtype: str = "float32"  # float32 | bfloat16 | float16; train in float32 (bf16 compute: mixed_precision)
     max_length: int = 256  # tokens in prompt + response, special tokens included
     max_prompt_length: int = 128  # tokens kept of the prompt (cut from the left)
     truncation: str = DEFAULT_TRUNCATION  # keep_start | keep_end | drop: see train/data/formatting.py

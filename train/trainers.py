@@ -316,7 +316,8 @@ class BasicTrainer(abc.ABC):
                   "chosen": total["chosen"] / n, "rejected": total["rejected"] / n, "grad_norm": grad_norm,
                   "lr": lr, "pairs_per_s": n / seconds, "tokens_per_s": total["tokens"] / seconds,
                   "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
-                  "world_size": self.world, "parallelism": self.parallelism, **counts}
+                  "world_size": self.world, "parallelism": self.parallelism,
+                  "mixed_precision": self.accelerator.mixed_precision, **counts}
         self.tracker.log(record)
         faults.reached("after_step", state.step, self.model)
         return record, total["stop"] > 0
@@ -533,7 +534,7 @@ class BasicTrainer(abc.ABC):
             self.tokenizer.save_pretrained(tmp)
             metrics = {**final_metrics, "steps": self.state.step, "train_examples": self.state.examples,
                        "skipped_steps": self.state.skipped_steps, "world_size": self.world,
-                       "parallelism": self.parallelism,
+                       "parallelism": self.parallelism, "mixed_precision": self.accelerator.mixed_precision,
                        **{f"data_{k}": v for k, v in self.data_counts.items()}}
             atomic.write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics, indent=1))
             pairs = getattr(self, "final_eval_pairs", None)
