@@ -1,7 +1,9 @@
 """launch.py end to end: run dir contract, FINAL loads in plain transformers, 2 processes == 1."""
+import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -147,6 +149,20 @@ def test_epochs_and_n_examples_count_whole_batches(cache):
     assert [r["step"] for r in metrics(Path(cache) / "epochs") if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     launch([*args, "exp_name=capped", "n_examples=70"])  # 70 pairs -> 4 whole steps
     assert final_metrics(Path(cache) / "capped")["train_examples"] == 64
+
+
+def test_readme_benchmark_commands_take_only_options_the_script_has():
+    """Every scripts/benchmark.py command the README shows parses (one had kept options that were
+    renamed away); the commands themselves run for minutes to hours, so they are not run here."""
+    from scripts import benchmark
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    commands = re.findall(r"scripts/benchmark\.py([^`#|\n]*)", text)
+    assert len(commands) >= 5
+    for command in commands:
+        parser = argparse.ArgumentParser()
+        benchmark.add_arguments(parser)
+        _, unknown = parser.parse_known_args(shlex.split(command))
+        assert not unknown, f"README: scripts/benchmark.py{command}: {unknown}"
 
 
 def test_readme_commands_run_in_reduced_form(cache):
