@@ -283,7 +283,7 @@ def model_block(name: str, args, pairs: list, workdir: str) -> dict:
     trl_eos = None if chat else tokenizer.eos_token or tokenizer.sep_token
     base = {"model": name, "model_path": path, "chat": chat, "trl_eos": trl_eos, "batch_size": args.batch_size,
             "max_length": size["max_length"], "lr": args.lr, "warmup": args.warmup, "seed": 0,
-            "threads": args.threads, "mixed_precision": args.mixed_precision}
+            "threads": args.threads, "mixed_precision": args.mixed_precision, "trl_attn": args.trl_attn}
     has_trl = importlib.util.find_spec("trl") is not None
     block = {"model_path": path, "sizes": size}
     sections = args.only or SECTIONS
@@ -440,6 +440,8 @@ def add_arguments(parser):
     parser.add_argument("--mixed_precision", choices=["no", "bf16"], default="no",
                         help="training precision of both trainers: fp32, or bf16 autocast over fp32 weights "
                              "(a GPU, or a CPU with bf16 matmuls such as AMX; default: %(default)s)")
+    parser.add_argument("--trl_attn", default=None,
+                        help="TRL's attn_implementation, e.g. eager (default: the model's own, sdpa here)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds before a training run is given up")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--warmup", type=float, default=0.1, help="fraction of steps")
