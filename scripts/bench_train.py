@@ -244,7 +244,7 @@ def trl(spec: dict, workdir: str) -> dict:
     torch.manual_seed(spec["seed"])
     attention = {"attn_implementation": spec["trl_attn"]} if spec.get("trl_attn") else {}
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32, **attention)
-    bf16 = spec.get("mixed_precision", "no") == "bf16"  # autocast over fp32 weights, as ours
+    bf16 = compute_dtype(spec) == torch.bfloat16  # autocast over fp32 weights, as ours
     config = RewardConfig(output_dir=workdir, per_device_train_batch_size=bs, num_train_epochs=1,
                           learning_rate=spec["lr"], warmup_steps=spec["warmup"], max_length=length, seed=spec["seed"],
                           report_to=[], save_strategy="no", logging_steps=10**9, eos_token=spec.get("trl_eos"),

@@ -226,7 +226,7 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
     out = {"speed_setup": {"pairs_used": len(chosen), "pairs_wanted": want, **stats, "batch_size": args.batch_size,
                            "max_length": size["max_length"], "ours_options": fast,
                            "ours_options_missing": fast_missing, "compile_missing": compile_missing,
-                           "trl_options": TRL_BEST if has_trl else None, "mixed_precision": args.mixed_precision}}
+                           "trl_options": TRL_BEST if has_trl else None}}
     if has_trl:
         for which, key in (("ours", "train_speedup_vs_trl"), ("ours_compile", "train_speedup_compiled_vs_trl")):
             if which in variants:
@@ -260,10 +260,9 @@ def speed(args, base: dict, pairs: list, tokenizer, size: dict, workdir: str, ha
         out["padding_waste"]["error"] = "not logged: the harness's metrics have no computed_tokens yet"
     out["hardware_efficiency"] = figure("hardware_efficiency", [efficiency(r) for r in ours_runs], [
         {k: r.get(k) for k in ("achieved_flops", "achieved_flops_6n", "matmul_flops", "matmul_flops_during",
-                               "step_probes", "tokens", "seconds",
+                               "step_probes", "tokens", "seconds", "mixed_precision",
                                "non_embedding_params", "error") if k in r} for r in ours_runs],
-        attention_flops_per_squared_length=attention_per_sq, sum_squared_lengths=stats["ours_sum_sq"],
-        mixed_precision=args.mixed_precision)
+        attention_flops_per_squared_length=attention_per_sq, sum_squared_lengths=stats["ours_sum_sq"])
     return out
 
 
@@ -373,7 +372,7 @@ def notes(key: str, fig: dict) -> str:
         achieved = [r["achieved_flops"] for r in runs if "achieved_flops" in r]
         peak = [r["matmul_flops_during"] for r in runs if "matmul_flops_during" in r]
         if achieved:
-            dtype = "bf16" if fig.get("mixed_precision") == "bf16" else "fp32"
+            dtype = "bf16" if runs[0].get("mixed_precision") == "bf16" else "fp32"  # as the run's metrics say
             return (f"{statistics.median(achieved) / 1e9:.3g} GFLOP/s of a {statistics.median(peak) / 1e9:.3g} "
                     f"GFLOP/s {dtype} matmul (medians)")
     if key == "hardware_efficiency_compiled" and runs:
