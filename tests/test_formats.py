@@ -278,7 +278,46 @@ def readme_data_commands() -> list:
 def test_every_readme_data_command_reads_its_example_file():
     commands = readme_data_commands()
     assert len(commands) == 13
+    # each into a run dir of its own: a second run into the same one is refused
+    assert len({o for overrides in commands for o in overrides if o.startswith("exp_name=")}) == 13
     for overrides in commands:
         train, test = load(*overrides)
         pairs = {(plain_prompt(e.prompt), e.chosen) for e in train + test}
         assert len(pairs) >= 12 and all("?" in p or "." in p for p, _ in pairs), overrides
+
+
+def test_a_pair_of_one_text_twice_is_skipped_and_counted(tmp_path):
+    same = dict(rows_in("standard", 1)[0], rejected=rows_in("standard", 1)[0]["chosen"])
+    path = write_jsonl(tmp_path / "d.jsonl", rows_in("standard", 11) + [same])
+    counts = {}
+    train, test = load("datasets=[jsonl]", f"++datasets.jsonl.path={path}", counts=counts)
+    assert len(train) + len(test) == 11 and counts == {"jsonl_skipped_identical": 1}
+
+
+def test_a_preference_row_missing_a_field_or_holding_null_names_the_field(tmp_path):
+    for bad, message in [({"prompt": "q", "chosen": "a"}, "field 'rejected': missing"),
+                         ({"prompt": "q", "chosen": None, "rejected": "b"}, "field 'chosen': expected a string, got null")]:
+        path = write_jsonl(tmp_path / "d.jsonl", rows_in("standard", 3) + [bad])
+        with pytest.raises(UserError, match=rf"d.jsonl: row 4: {message}$"):
+            load("datasets=[jsonl]", f"++datasets.jsonl.path={path}")
+
+
+def test_a_dataset_option_for_a_source_that_is_not_selected_is_refused():
+    from train.config import check_overrides
+
+    with pytest.raises(UserError, match=r"'datasets.jsonl.path' sets dataset 'jsonl', which is not selected "
+                                        r"\(datasets=\[synthetic\]\): add datasets=\[jsonl\] to train on it alone, "
+                                        r"or datasets=\[synthetic,jsonl\] to mix them"):
+        check_overrides(["++datasets.jsonl.path=x.jsonl"])
+    with pytest.raises(UserError, match=r"not selected \(datasets=\[hh\]\)"):
+        check_overrides(["datasets=[hh]", "++datasets.jsonl.path=x.jsonl"])
+    check_overrides(["datasets=[hh,jsonl]", "++datasets.jsonl.path=x.jsonl"])  # selected: fine
+    check_overrides(["datasets.synthetic.n_train=100"])  # the default source
+
+
+def test_a_misspelt_role_is_one_line(tmp_path):
+    bad = dict(rows_in("conversational", 1)[0], prompt=[{"role": "usr", "content": "hello?"}])
+    path = write_jsonl(tmp_path / "d.jsonl", rows_in("conversational", 3) + [bad])
+    with pytest.raises(UserError, match=r"d.jsonl: row 4: field 'prompt': turn 1 has role 'usr' "
+                                        r"\(did you mean 'user'\?\); expected one of system, developer, user"):
+        load("datasets=[jsonl]", f"++datasets.jsonl.path={path}")

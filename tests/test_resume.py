@@ -94,9 +94,11 @@ def test_sigkill_at_every_point_then_resume_is_bit_identical(tmp_path, reference
     assert "length_grouping: true" in (run / "config.yaml").read_text()  # ...with the length-grouped order
     assert not leftovers(run)
 
-    done, skip = launch_each([args, [*args, "resume=auto"]])
-    assert done.returncode == 2 and "already holds FINAL" in done.stderr
+    done, skip, other = launch_each([args, [*args, "resume=auto"], [*args, "resume=auto", "lr=2e-3"]])
+    assert done.returncode == 2 and "already holds a finished run (FINAL): choose another exp_name" in done.stderr
     assert skip.returncode == 0 and "run already finished" in skip.stdout
+    # resume=auto would report the finished run's result as this config's: refused instead
+    assert other.returncode == 2 and "finished with 'lr' = 0.001, now 0.002" in other.stderr
 
 
 def test_resume_is_exact_with_dropout_on_and_keeps_the_wandb_run_id(tmp_path):
@@ -227,7 +229,8 @@ def small_disk(tmp_path):
 
 
 def one_error_line(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(r"(train|tokenizing|Writing)", line)]
+    lines = [re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line) for line in proc.stderr.splitlines()]  # bars' cursor moves
+    lines = [line for line in lines if line.strip() and not re.match(r"(train|eval|tokenizing|Writing)", line)]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     return lines[0]

@@ -132,7 +132,7 @@ def test_rerun_with_resume_auto_skips_finished_jobs_and_a_plain_rerun_refuses(gr
     assert {job: (job / "FINAL" / "metrics.json").stat().st_mtime_ns for job in stamps} == stamps
     rows = csv_rows(sweep_dir)
     assert len(rows) == 4 and all(r["status"] == "done" for r in rows)
-    assert all("already holds FINAL: pass resume=auto" in r["note"] for r in rows)
+    assert all("already holds a finished run (FINAL)" in r["note"] for r in rows)
     assert_summary_matches_finals(sweep_dir, ["lr", "loss.center_rewards_coefficient"])
 
 

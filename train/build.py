@@ -67,14 +67,19 @@ def resume_point(cfg, run_dir: str, log=print):
         log(f"ignoring incomplete checkpoint {path} (no {atomic.MARKER} marker)")
     has_final = atomic.is_complete(os.path.join(run_dir, "FINAL"))
     if cfg.resume is None:
-        if complete or has_final:
-            raise UserError(f"{run_dir} already holds {'FINAL' if has_final else 'checkpoints'}: pass resume=auto "
-                            "to continue it, or choose another exp_name")
+        if has_final:  # resume=auto would only report its result, not train on this config
+            raise UserError(f"{run_dir} already holds a finished run (FINAL): choose another exp_name to train "
+                            "this config (resume=auto reports the finished run's result without training)")
+        if complete:
+            raise UserError(f"{run_dir} already holds checkpoints: pass resume=auto to continue it, "
+                            "or choose another exp_name")
         return None
     if cfg.resume == "auto":
         if has_final:
             return "finished"
         return complete[-1] if complete else None
+    if not os.path.isdir(cfg.resume):
+        raise UserError(f"resume={cfg.resume}: no such directory (resume=auto picks the run's newest checkpoint)")
     if not atomic.is_complete(cfg.resume):
         raise UserError(f"resume={cfg.resume}: not a complete checkpoint dir (no {atomic.MARKER} marker)")
     return cfg.resume
@@ -85,7 +90,10 @@ SAME_ON_RESUME = ("seed", "lr", "optimizer", "weight_decay", "warmup", "schedule
                   "batch_size", "max_grad_norm", "loss", "model", "datasets")
 
 
-def check_resume_config(cfg, run_dir: str):
+def check_resume_config(cfg, run_dir: str, finished: bool = False):
+    """The settings an exact continuation needs (SAME_ON_RESUME) are those the run was saved with.
+    `finished`: resume=auto on a run with FINAL, which reports that run's result; a changed setting
+    there would report a result this config never trained."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         return
@@ -96,6 +104,9 @@ def check_resume_config(cfg, run_dir: str):
             # A key the harness gained after the run was saved (model.peft, say) is not a change
             # while it keeps its default.
             new = {k: v for k, v in new.items() if k in old or k not in default or v != default[k]}
+        if old != new and finished:
+            raise UserError(f"{run_dir} finished with '{key}' = {old!r}, now {new!r}: resume=auto would only report "
+                            "that run's result; choose another exp_name to train this config")
         if old != new:
             raise UserError(f"cannot resume {run_dir}: '{key}' was {old!r} in the checkpointed run, now {new!r} "
                             "(an exact continuation needs the same setting)")
@@ -157,6 +168,7 @@ def build(cfg, held: contextlib.ExitStack = None):
         checkpoint.remove_leftovers(run_dir, log)
     resume = resume_point(cfg, run_dir, log)
     if resume == "finished":
+        check_resume_config(cfg, run_dir, finished=True)
         log(f"{run_dir}/FINAL exists: run already finished, nothing to do")
         return None
     if resume:

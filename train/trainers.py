@@ -392,7 +392,11 @@ class BasicTrainer(abc.ABC):
     def evaluate(self, final: bool = False) -> dict:
         """Scores the FIXED eval set, split over processes; the main process logs and returns metrics."""
         with faults.phase("eval"):
-            return self._evaluate(final)
+            record = self._evaluate(final)
+        if not final:  # the final eval has its own line (launch.py)
+            self._say(f"eval at step {record['step']}: accuracy {record['accuracy']:.3f}, loss {record['loss']:.3f} "
+                      f"({record['n_pairs']} held-out pairs)")
+        return record
 
     @torch.no_grad()  # not inference_mode: FSDP would keep inference tensors as buffers that training reuses
     def _evaluate(self, final: bool) -> dict:
@@ -403,7 +407,9 @@ class BasicTrainer(abc.ABC):
         rows.sort(key=lambda r: -len(r["chosen_ids"]) - len(r["rejected_ids"]))  # minimal padding
         pairs = []  # one dict per pair: its index, subset, source, lengths, scores and what loss() asks for
         size = self.cfg.eval_batch_size
-        for i in range(0, len(rows), size):
+        # Its own bar: an eval of hundreds of pairs would otherwise freeze the train bar for a minute.
+        for i in tqdm(range(0, len(rows), size), desc="eval", unit="batch", leave=False, dynamic_ncols=True,
+                      disable=not self.accelerator.is_main_process):
             batch = self.collate(rows[i:i + size])
             chosen, rejected = self.forward(batch, model=model)
             inputs = self.pair_inputs(batch)
@@ -547,7 +553,8 @@ class BasicTrainer(abc.ABC):
 
         with faults.phase("save", after="done"):
             self._save_part(f"{self.run_dir}/FINAL", tmp, write if acc.is_main_process else None)
-        self._say(f"final eval accuracy {final_metrics['accuracy']:.3f}; saved {self.run_dir}/FINAL")
+        self._say(f"final eval accuracy {final_metrics['accuracy']:.3f} on {final_metrics['n_pairs']} held-out pairs; "
+                  f"saved {self.run_dir}/FINAL")
 
     def cleanup(self, failed: bool = False):
         self.tracker.finish(exit_code=1 if failed else 0)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from train.data.example import PreferenceExample
+from train.checks import suggest
 from train.data.jsonfile import RowError
 
 # Margins are in reward units, i.e. logits (the loss is -log σ(s_chosen - s_rejected - margin)): a
@@ -35,12 +36,14 @@ MAX_ABS_MARGIN = 1000
 # sharegpt speaker names -> chat roles (LLaMA-Factory writes human/gpt; some files use the role names).
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
+# The roles chat templates know (OpenAI's and the tool-calling ones).
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
 
 @dataclass
 class Skip:
-    reason: str  # counted per source and reason: divergent, empty_response, tie, score_ratio
+    reason: str  # counted per source and reason: divergent, empty_response, tie, score_ratio, identical
 
 
 @dataclass
@@ -54,7 +57,7 @@ class Scored:
 def text_field(row: dict, name: str) -> str:
     value = row.get(name)
     if value is None:
-        raise RowError(f"field '{name}': missing")
+        raise RowError(f"field '{name}': " + ("expected a string, got null" if name in row else "missing"))
     if not isinstance(value, str):
         raise RowError(f"field '{name}': expected a string, got {type(value).__name__}")
     if not value.strip():
@@ -81,6 +84,9 @@ def turns_field(row: dict, name: str) -> list:
     for number, turn in enumerate(value, start=1):  # the rule for a prompt string, per turn
         if not turn["content"].strip():
             raise RowError(f"field '{name}': turn {number} has empty content")
+        if turn["role"] not in ROLES:  # a misspelt role would be rendered as it is, silently
+            raise RowError(f"field '{name}': turn {number} has role '{turn['role']}'{suggest(turn['role'], ROLES)}; "
+                           f"expected one of {', '.join(ROLES)}")
     return [{"role": t["role"], "content": t["content"]} for t in value]
 
 
@@ -294,10 +300,18 @@ def parse_row(row, format_name: str, subset: str, options):
     if name == "auto":
         name = detect(row)
         if name is None:
+            if "chosen" in row or "rejected" in row:  # a preference row with a field missing or null
+                for field in ("chosen", "rejected"):
+                    text_field(row, field)
             fields = ", ".join(sorted(row)) or "none"
             raise RowError(f"fits no known format (its fields: {fields}); set datasets.<name>.format and, "
                            "if the names differ, datasets.<name>.columns")
-    return FORMATS[name](row, subset, options)
+    parsed = FORMATS[name](row, subset, options)
+    if isinstance(parsed, list) and parsed:
+        # A pair of one text twice teaches nothing (its two rewards are equal whatever the weights):
+        # skipped and counted, like the other rows that give no pair.
+        parsed = [e for e in parsed if e.chosen != e.rejected] or Skip("identical")
+    return parsed
 
 
 def rename_columns(row, columns: dict):
