@@ -313,6 +313,8 @@ def test_a_dataset_option_for_a_source_that_is_not_selected_is_refused():
         check_overrides(["datasets=[hh]", "++datasets.jsonl.path=x.jsonl"])
     check_overrides(["datasets=[hh,jsonl]", "++datasets.jsonl.path=x.jsonl"])  # selected: fine
     check_overrides(["datasets.synthetic.n_train=100"])  # the default source
+    # train.evaluate starts from the run's own sources, which config.yaml's default does not name
+    check_overrides(["++datasets.hh.test_path=x.jsonl"], datasets_selected=False)
 
 
 def test_a_misspelt_role_is_one_line(tmp_path):

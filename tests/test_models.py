@@ -87,6 +87,9 @@ def test_model_paths_that_cannot_hold_a_model_are_one_line(tmp_path, monkeypatch
     for missing in (str(tmp_path / "nothing"), "./nothing", "models/x/y"):
         with pytest.raises(UserError, match=rf"tokenizer '{missing}': no such directory$"):
             load_tokenizer(missing)
+    (tmp_path / "model.gguf").write_text("x")
+    with pytest.raises(UserError, match=r"model.gguf' is a file: pass the directory that holds the model$"):
+        load_tokenizer(str(tmp_path / "model.gguf"))
     with pytest.raises(UserError, match=r"model '.*nothing': no such directory$"):
         AutoModelForBradleyTerry.from_pretrained(str(tmp_path / "nothing"))
 

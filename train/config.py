@@ -144,9 +144,11 @@ def _check_key(dotted: str):
         schema = ftype
 
 
-def check_overrides(argv: List[str]) -> list:
+def check_overrides(argv: List[str], datasets_selected: bool = True) -> list:
     """Reject misspelled keys on the command line with one line, before Hydra composes.
-    Returns the run dirs the command line names (see _check_run_dir_overrides)."""
+    Returns the run dirs the command line names (see _check_run_dir_overrides).
+    datasets_selected: also refuse options of a data source that `datasets=` does not select
+    (train.evaluate turns it off: without `datasets=` it starts from the run's own sources)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [a for a in argv if "=" in a and not a.startswith("-")]
@@ -172,7 +174,8 @@ def check_overrides(argv: List[str]) -> list:
         ftype = _check_key(key)
         if ftype is not None and not override.is_sweep_override():
             check_type(key, ftype, override.value())
-    _check_datasets_selected(overrides, config_dir)
+    if datasets_selected:
+        _check_datasets_selected(overrides, config_dir)
     return _check_run_dir_overrides(overrides, config_dir)
 
 

@@ -34,6 +34,8 @@ MODEL_DIR_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json")
 def _check_local_or_hub(name: str, what: str):
     """Hub ids are allowed, but an offline machine, a path that does not exist and a dir that holds
     no model (a run dir instead of its FINAL, say) each fail in one clear line."""
+    if os.path.isfile(name):
+        raise UserError(f"{what} '{name}' is a file: pass the directory that holds the model")
     if os.path.isdir(name):
         if not any(os.path.isfile(os.path.join(name, f)) for f in MODEL_DIR_FILES):
             final = os.path.join(name, "FINAL")
@@ -52,7 +54,7 @@ def _check_local_or_hub(name: str, what: str):
 # position and stops the run with an IndexError, maybe hours in. The number is the positions an
 # input cannot use (RoBERTa's count from padding_idx + 1). Rotary models have no such table.
 ABSOLUTE_POSITIONS = {"bert": 0, "distilbert": 0, "electra": 0, "gpt2": 0, "roberta": 2, "xlm-roberta": 2,
-                      "camembert": 2, "deberta": 0}
+                      "camembert": 2}
 
 
 def check_max_length(m):
