@@ -296,7 +296,8 @@ def test_a_pair_of_one_text_twice_is_skipped_and_counted(tmp_path):
 
 def test_a_preference_row_missing_a_field_or_holding_null_names_the_field(tmp_path):
     for bad, message in [({"prompt": "q", "chosen": "a"}, "field 'rejected': missing"),
-                         ({"prompt": "q", "chosen": None, "rejected": "b"}, "field 'chosen': expected a string, got null")]:
+                         ({"prompt": "q", "chosen": None, "rejected": "b"}, "field 'chosen': expected a string, got null"),
+                         ({"prompt": [user("q")], "chosen": [assistant("a")]}, "field 'rejected': missing")]:
         path = write_jsonl(tmp_path / "d.jsonl", rows_in("standard", 3) + [bad])
         with pytest.raises(UserError, match=rf"d.jsonl: row 4: {message}$"):
             load("datasets=[jsonl]", f"++datasets.jsonl.path={path}")

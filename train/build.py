@@ -104,11 +104,10 @@ def check_resume_config(cfg, run_dir: str, finished: bool = False):
             # A key the harness gained after the run was saved (model.peft, say) is not a change
             # while it keeps its default.
             new = {k: v for k, v in new.items() if k in old or k not in default or v != default[k]}
-        if old != new and finished:
-            raise UserError(f"{run_dir} finished with '{key}' = {old!r}, now {new!r}: resume=auto would only report "
-                            "that run's result; choose another exp_name to train this config")
         if old != new:
-            raise UserError(f"cannot resume {run_dir}: '{key}' was {old!r} in the checkpointed run, now {new!r} "
+            raise UserError(f"{run_dir} finished with '{key}' = {old!r}, now {new!r}: resume=auto would only report "
+                            "that run's result; choose another exp_name to train this config" if finished else
+                            f"cannot resume {run_dir}: '{key}' was {old!r} in the checkpointed run, now {new!r} "
                             "(an exact continuation needs the same setting)")
 
 

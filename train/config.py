@@ -182,8 +182,7 @@ def check_overrides(argv: List[str], datasets_selected: bool = True) -> list:
 def _check_datasets_selected(overrides, config_dir: Path):
     """`++datasets.jsonl.path=F` without `datasets=[jsonl]` adds a source next to the selected ones
     (the default synthetic pairs), so the run would silently train on both: refused in one line."""
-    defaults = OmegaConf.load(config_dir / "config.yaml").defaults
-    selected = set(next(d.datasets for d in defaults if OmegaConf.is_dict(d) and "datasets" in d))
+    selected = set(_group_default(config_dir, "datasets"))
     for override in overrides:
         if override.key_or_group == "datasets" and not override.is_delete():
             try:
@@ -201,6 +200,12 @@ def _check_datasets_selected(overrides, config_dir: Path):
                             f"or datasets=[{','.join(chosen + [name])}] to mix them")
 
 
+def _group_default(config_dir: Path, group: str):
+    """The choice config.yaml's defaults list makes for a config group (a list for datasets)."""
+    defaults = OmegaConf.load(config_dir / "config.yaml").defaults
+    return next(d[group] for d in defaults if OmegaConf.is_dict(d) and group in d)
+
+
 def _check_group_choice(config_dir: Path, group: str, name):
     if not (config_dir / group / f"{name}.yaml").is_file():
         known = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
@@ -212,8 +217,7 @@ def _chosen_losses(overrides, config_dir: Path) -> list:
     the `loss=` choice (several in a sweep) or config.yaml's default, with `loss.trainer=` applied."""
     from train.trainers import trainer_class  # here: the trainers import the data code, which is heavy
 
-    defaults = OmegaConf.load(config_dir / "config.yaml").defaults
-    names = [next(d.loss for d in defaults if OmegaConf.is_dict(d) and "loss" in d)]
+    names = [_group_default(config_dir, "loss")]
     trainers = None
     for override in overrides:
         if override.key_or_group not in ("loss", "loss.trainer") or override.is_delete():

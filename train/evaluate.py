@@ -98,7 +98,8 @@ def parse_overrides(args) -> tuple:
                 raise UserError(f"'{arg}': --data FILE is a shortcut for datasets=[jsonl] "
                                 "++datasets.jsonl.path=FILE: pass one or the other")
         strings = ["datasets=[jsonl]", f"++datasets.jsonl.path={_quoted(args.data)}", *strings]
-    check_overrides(strings, datasets_selected=False)  # unknown keys (with a suggestion), group choices and types: one line
+    # unknown keys (with a suggestion), group choices and types: one line
+    check_overrides(strings, datasets_selected=False)
     parsed = OverridesParser.create().parse_overrides(strings)
     for override in parsed:
         key = override.key_or_group

@@ -302,7 +302,8 @@ def parse_row(row, format_name: str, subset: str, options):
         if name is None:
             if "chosen" in row or "rejected" in row:  # a preference row with a field missing or null
                 for field in ("chosen", "rejected"):
-                    text_field(row, field)
+                    if row.get(field) is None:
+                        text_field(row, field)  # its "missing" or "got null" line
             fields = ", ".join(sorted(row)) or "none"
             raise RowError(f"fits no known format (its fields: {fields}); set datasets.<name>.format and, "
                            "if the names differ, datasets.<name>.columns")
