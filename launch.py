@@ -3,7 +3,6 @@
 See README.md. Config lives in config/; the schema with every key's meaning is train/config.py.
 """
 import contextlib
-import errno
 import sys
 
 import hydra
@@ -11,11 +10,9 @@ import hydra
 from train.build import build, in_multirun
 from train.checkpoint import final_metrics
 from train.config import check_overrides, create_run_dirs, register
-from train.errors import UserError, exit_with_error, leave, storage_error
+from train.errors import UserError, exit_with_error, is_user_fault, leave, storage_error
 
 register()
-# Write failures that are the machine's state, not a bug: one line instead of a traceback.
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @hydra.main(config_path="config", config_name="config", version_base=None)
@@ -25,7 +22,7 @@ def main(cfg):
         with contextlib.ExitStack() as held:  # holds the run-dir lock until the run ends, however it ends
             return run(cfg, held)
     except (UserError, OSError) as err:
-        if isinstance(err, OSError) and err.errno not in STORAGE_ERRNOS:
+        if not is_user_fault(err):
             raise  # not a storage fault: a bug, keep its traceback
         if in_multirun():  # let the sweep record this job as failed and go on with the others
             raise

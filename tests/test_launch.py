@@ -41,6 +41,11 @@ def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(s
         assert key in evals[-1], key
     final = final_metrics(run)
     assert final["world_size"] == 1 and final["accuracy"] == evals[-1]["accuracy"]
+    # launch.log keeps what the run printed, with timestamps: the data, every eval, the final line
+    log = (run / "launch.log").read_text()
+    assert re.search(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]\[train\]\[INFO\] - data: \d+ train pairs", log, re.M), log
+    assert f"eval at step {evals[0]['step']}: accuracy {evals[0]['accuracy']:.3f}" in log
+    assert f"final eval accuracy {final['accuracy']:.3f}" in log
 
     # FINAL is a plain HF classifier: scoring the eval pairs with it gives the trainer's scores.
     from train.build import fixed_eval_indices
@@ -136,6 +141,9 @@ def test_user_mistakes_give_one_clear_line(cache):
     for (args, expected), proc in zip(MISTAKES, procs):
         line = error_line(proc)
         assert re.search(expected, line), line
+    # a mistake found once Hydra has made the run dir is also kept in its launch.log
+    logs = "".join(path.read_text() for path in Path(cache).glob("*/launch.log"))
+    assert "[train][ERROR] - lr must be more than 0, got -1.0" in logs
     # One case as a fresh `python launch.py` too: the one-line exit is not an artefact of launch_each.
     assert launch(["lrr=1e-4", f"cache_dir={cache}"], check=False).stderr == \
         "error: unknown config key 'lrr' (did you mean 'lr'?)\n"

@@ -1,7 +1,14 @@
-"""The reward is read at the last real token, whatever the padding."""
+"""The reward is read at the last real token, whatever the padding; model paths and hub ids that
+cannot load are one line."""
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
+from tests.conftest import ROOT
 from train.config import _package_dir
 from train.data.formatting import encode
 from train.data.loader import Collator
@@ -92,6 +99,42 @@ def test_model_paths_that_cannot_hold_a_model_are_one_line(tmp_path, monkeypatch
         load_tokenizer(str(tmp_path / "model.gguf"))
     with pytest.raises(UserError, match=r"model '.*nothing': no such directory$"):
         AutoModelForBradleyTerry.from_pretrained(str(tmp_path / "nothing"))
+
+
+def fake_hub_cache(cache, repo: str, model_dir: str):
+    """`repo` laid out in a hub cache dir as a download would leave it: refs/main -> a snapshot."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(model_dir, root / "snapshots" / ("0" * 40))
+
+
+def test_hub_ids_offline_or_unreachable_are_one_line_and_a_cached_one_loads(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from train.errors import UserError
+
+    fake_hub_cache(tmp_path / "hub", "org/minilm", MINILM)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    # unreachable: at once (not after the hub client's minute of retries), with the fix that applies
+    with pytest.raises(UserError, match=r"tokenizer 'org/other' is not a local directory and the hub cannot be "
+                                        r"reached \(http://127.0.0.1:9: .+\): pass a local path$"):
+        load_tokenizer("org/other")
+    with pytest.raises(UserError, match=r"\): rerun with HF_HUB_OFFLINE=1 to load it from the local hub cache$"):
+        load_tokenizer("org/minilm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"'org/other' is not a local directory and HF_HUB_OFFLINE=1: pass a local path$"):
+        AutoModelForBradleyTerry.from_pretrained("org/other")
+    # offline, a hub id in the hub cache loads from it, as it would without this harness
+    script = ("from train.models import AutoModelForBradleyTerry, load_tokenizer; "
+              "print(type(load_tokenizer('org/minilm')).__name__, "
+              "AutoModelForBradleyTerry.from_pretrained('org/minilm').config.model_type)")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub")))
+    assert proc.returncode == 0 and proc.stdout.split() == ["BertTokenizer", "bert"], proc.stderr[-2000:]
 
 
 def test_max_length_past_learned_positions_is_refused_before_tokenising():

@@ -168,6 +168,15 @@ def test_a_failing_job_is_reported_and_the_others_finish_each_its_own_wandb_run(
     assert proc.returncode != 0  # Hydra reports the failed job once every job has run
     sweep_dir = tmp_path / "failing"
     by_batch = {params(job)["batch_size"]: job for job in jobs(sweep_dir)}
+    # ... in one line that points at the summary, with no traceback
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: job {by_batch['24'].name} failed: batch_size (24) must be microbatch_size (16) x "
+                      f"processes (1) x a whole number of accumulation steps; every job's outcome: "
+                      f"{sweep_dir / 'summary.md'}"], errors
+    # each job's launch.log keeps its messages: the failed one its error, the others their final line
+    assert "[ERROR] - batch_size (24)" in (by_batch["24"] / "launch.log").read_text()
+    assert "final eval accuracy" in (by_batch["16"] / "launch.log").read_text()
     assert sorted(by_batch) == ["16", "24", "32"]
     assert (by_batch["16"] / "FINAL" / "COMPLETE").exists() and (by_batch["32"] / "FINAL" / "COMPLETE").exists()
     assert not (by_batch["24"] / "FINAL").exists()

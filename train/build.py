@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from train import atomic, checkpoint, lora, sharding, trainers
 from train.config import Config, validate
 from train.data.loader import load_examples, tokenize
-from train.errors import UserError, storage_error
+from train.errors import UserError, say, storage_error
 from train.models import build_model, prepare_tokenizer
 from train.runlock import RunLock
 
@@ -151,7 +151,7 @@ def build(cfg, held: contextlib.ExitStack = None):
     share_cpu_between_jobs()
     run_dir = resolve_run_dir(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
-    log = print if accelerator.is_main_process else (lambda *a, **k: None)
+    log = say if accelerator.is_main_process else (lambda *a, **k: None)
     trainers.batch_plan(cfg, accelerator.num_processes)
     # On CPU processes accelerate drops DeepSpeed and runs DDP, so its launch variable is checked too.
     kind = "DEEPSPEED" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" else \

@@ -1,11 +1,28 @@
-"""User mistakes are reported as one line; anything else is a bug and keeps its traceback."""
+"""What a run tells its user: messages (say), and user mistakes as one line; anything else is a bug
+and keeps its traceback."""
+import errno
 import logging
 import os
 import sys
 
+from tqdm.auto import tqdm
+
+# Under launch.py, config.yaml's hydra.job_logging sends this logger to the run dir's launch.log (with
+# timestamps) and nowhere else: the console gets the messages from say() and exit_with_error().
+LOG = logging.getLogger("train")
+
 
 class UserError(Exception):
     """A mistake in config or input that the user can fix; printed as one line, exit code 2."""
+
+
+# Write failures that are the machine's state, not a bug: one line instead of a traceback.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def is_user_fault(err: BaseException) -> bool:
+    """Whether err is reported in one line: a UserError, or a write that failed for a storage reason."""
+    return isinstance(err, UserError) or (isinstance(err, OSError) and err.errno in STORAGE_ERRNOS)
 
 
 def is_main_process() -> bool:
@@ -14,11 +31,20 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def say(message: str):
+    """A message of the run: on the console above any progress bar, and in launch.log."""
+    tqdm.write(message)
+    if LOG.handlers:  # only where Hydra configured it: elsewhere logging would print it a second time
+        LOG.info(message)
+
+
 def exit_with_error(message):
     """How every entry point stops on a UserError: `error: <message>` on stderr, exit code 2. Every
     process of a distributed run exits; only the main one prints, so the line appears once."""
     if is_main_process():
         print(f"error: {message}", file=sys.stderr)
+        if LOG.handlers:
+            LOG.error(message)
     leave(2)
 
 

@@ -8,7 +8,10 @@ those heads we read the hidden state at the last position where attention_mask i
 right for any padding. Encoder heads (BERT) pool the first token and need no such care.
 """
 import os
+import socket
+import urllib.parse
 
+import huggingface_hub
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -45,9 +48,31 @@ def _check_local_or_hub(name: str, what: str):
     # A hub id is 'name' or 'owner/name'; anything else can only be a local path.
     if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name):
         raise UserError(f"{what} '{name}': no such directory")
+    cached = any(isinstance(huggingface_hub.try_to_load_from_cache(name, f), str) for f in MODEL_DIR_FILES)
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"{what} '{name}' is not a local directory and HF_HUB_OFFLINE=1: "
-                        "pass a local path")
+        if not cached:
+            raise UserError(f"{what} '{name}' is not a local directory and HF_HUB_OFFLINE=1: "
+                            "pass a local path")
+        return
+    why = _hub_unreachable()
+    if why:  # else the hub client spends about a minute in retries before failing
+        fix = "rerun with HF_HUB_OFFLINE=1 to load it from the local hub cache" if cached else "pass a local path"
+        raise UserError(f"{what} '{name}' is not a local directory and the hub cannot be reached "
+                        f"({huggingface_hub.constants.ENDPOINT}: {why}): {fix}")
+
+
+def _hub_unreachable():
+    """Why a TCP connection to the hub endpoint fails within a few seconds, or None when it opens (or
+    a proxy is set: then only the hub client itself can tell)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None
+    url = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=5).close()
+    except OSError as err:
+        return err.strerror or str(err) or type(err).__name__
+    return None
 
 
 # Model types whose positions are learned absolute embeddings: a sequence past them has no

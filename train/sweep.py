@@ -27,12 +27,13 @@ import time
 
 import yaml
 from hydra.core.utils import JobStatus
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 
 from train import atomic
 from train.checkpoint import final_metrics
-from train.errors import UserError, exit_with_error, is_main_process
+from train.errors import LOG, UserError, exit_with_error, is_main_process, is_user_fault, storage_error
 from train.resolvers import register_resolvers
 
 STATUS_FILE = "job_status.json"
@@ -72,6 +73,8 @@ def _write_status(job_dir: str, status: dict):
 
 def error_line(err: BaseException) -> str:
     """One line for the summary: the message of a user mistake, the type and message of a bug."""
+    if isinstance(err, OSError) and is_user_fault(err):
+        return storage_error("cannot write", err)
     text = (str(err).strip().splitlines() or [""])[0]
     return text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
 
@@ -114,12 +117,26 @@ class SummaryCallback(Callback):
             job_started(config.hydra.runtime.output_dir)
 
     def on_job_end(self, config, job_return, **kwargs):
-        if config.hydra.mode != RunMode.MULTIRUN or not is_main_process():
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
         failed = job_return.status == JobStatus.FAILED
         # _return_value holds the exception of a failed job; the public property would re-raise it.
-        job_ended(config.hydra.runtime.output_dir, failed,
-                  error_line(job_return._return_value) if failed else None)
+        err = job_return._return_value if failed else None
+        if failed and is_user_fault(err):
+            # The sweeper re-raises the first failed job's exception once its batch has run, and Hydra
+            # prints it with a traceback; a user mistake gets one line instead, printed by the main
+            # process only (the others print an empty one), that points at the summary.
+            job = os.path.relpath(config.hydra.runtime.output_dir, config.hydra.sweep.dir)
+            compact = CompactHydraException(
+                f"error: job {job} failed: {error_line(err)}; every job's outcome: "
+                f"{os.path.join(config.hydra.sweep.dir, 'summary.md')}" if is_main_process() else "")
+            compact.__cause__ = err  # HYDRA_FULL_ERROR=1 still shows where it was raised
+            job_return._return_value = compact
+        if not is_main_process():
+            return
+        if failed and LOG.handlers:  # the job's launch.log, which Hydra's logging still points at
+            LOG.error(error_line(err))
+        job_ended(config.hydra.runtime.output_dir, failed, error_line(err) if failed else None)
         write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs):

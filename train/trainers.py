@@ -35,7 +35,7 @@ from train import atomic, checkpoint, faults, report, sharding
 from train.checks import check_type, suggest
 from train.data.batching import model_inputs
 from train.data.loader import TOKEN_COUNTS, Collator, epoch_order, select
-from train.errors import UserError, storage_error
+from train.errors import UserError, say, storage_error
 from train.losses import bradley_terry_loss, hinge_loss, pair_metrics, smoothed_bradley_terry_loss
 from train.models import AutoModelForBradleyTerry
 from train.tracking import Tracker
@@ -274,6 +274,7 @@ class BasicTrainer(abc.ABC):
                 self.evaluate()  # the final eval below covers the last step
             if stop:
                 self.save_checkpoint()
+                bar.close()  # the last line the user sees, below the bar rather than redrawn over
                 self._say(f"stopped by a signal after step {state.step}; continue with the same command "
                           f"plus resume=auto (run dir {self.run_dir})")
                 return "preempted"
@@ -386,7 +387,7 @@ class BasicTrainer(abc.ABC):
 
     def _say(self, message: str):
         if self.accelerator.is_main_process:
-            tqdm.write(message)
+            say(message)
 
     # ---- eval ----------------------------------------------------------------------------------
     def evaluate(self, final: bool = False) -> dict:
