@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import subprocess
 
 import pytest
@@ -186,3 +187,21 @@ def test_bad_input_gives_one_line(shared_run, capsys, tmp_path, args, message):
     code, stdout, err = run_in_process(capsys, *args, "--out", tmp_path / "r.json", f"cache_dir={tmp_path}")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_default_report_dir_names_the_model_overrides():
+    # a rerun with another max_length writes beside the first report, not over it
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.create({"datasets": {"jsonl": {"path": "data/hh.jsonl"}}})
+    plain = evaluate_module.default_out("runs/rm/FINAL", cfg, "all", False)
+    longer = evaluate_module.default_out("runs/rm/FINAL", cfg, "all", False, ["max_length=1024"])
+    assert plain == "eval-report/rm-FINAL-hh-all/eval_report.json"
+    assert longer == "eval-report/rm-FINAL-hh-all-max_length=1024/eval_report.json"
+
+
+def test_an_unwritable_out_is_found_before_scoring(tmp_path):
+    # by trying to write there: os.access tells root that /proc is writable
+    assert evaluate_module.check_out(str(tmp_path / "r" / "report.json")) is None
+    assert list((tmp_path / "r").iterdir()) == []  # the trial file is gone
+    if os.path.isdir("/proc/self"):
+        assert evaluate_module.check_out("/proc/x.json").startswith("cannot write the report /proc/x.json: ")

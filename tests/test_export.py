@@ -7,6 +7,7 @@ decoder whose pad token ends every text. Rewards are compared on real prompt/res
 different lengths, padded in one batch by the exported tokenizer.
 """
 import json
+import re
 import shutil
 import subprocess
 from types import SimpleNamespace
@@ -93,7 +94,7 @@ def plain_rewards(out, src, pairs, padding_side=None) -> torch.Tensor:
 def assert_published(out, line):
     """One line on stdout naming OUT and a gap within tolerance; nothing temporary left beside it."""
     assert line.count("\n") == 1 and line.startswith(f"wrote {out}: ") and "num_labels=1" in line
-    gap = float(line.split("probe texts ")[1].split(";")[0])
+    gap = float(re.match(r"[^\s;]+", line.split("probe texts ")[1]).group())
     assert gap <= TOL
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer_config.json", "COMPLETE"}
     assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name] == []
@@ -182,6 +183,9 @@ def test_checkpoint_dir_and_overwrite(shared_run, pairs, tmp_path, capsys):
     assert_published(half, stdout)
     assert {t.dtype for t in load_file(str(half / "model.safetensors")).values()} == {torch.bfloat16}
     assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    # ...and says so, with what the rounding itself costs
+    moved = re.search(r"\(against the source rounded to bfloat16; the rounding itself moves them by up to (\S+)\)", stdout)
+    assert moved and float(moved.group(1)) > 0, stdout
     assert torch.allclose(plain_rewards(half, step, pairs).float(), got, atol=0.05)
 
 

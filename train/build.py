@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from train import atomic, checkpoint, lora, sharding, trainers
 from train.config import Config, validate
 from train.data.loader import load_examples, tokenize
-from train.errors import UserError, say, storage_error
+from train.errors import NotStarted, UserError, say, storage_error
 from train.models import build_model, prepare_tokenizer
 from train.runlock import RunLock
 
@@ -111,6 +111,17 @@ def check_resume_config(cfg, run_dir: str, finished: bool = False):
                             "(an exact continuation needs the same setting)")
 
 
+def checkpoint_run_dir(path: str) -> str:
+    """The run dir a resume=PATH checkpoint belongs to (<run dir>/checkpoints/step-N): its settings,
+    not those of the dir this run writes to, are what an exact continuation must keep."""
+    checkpoints = os.path.dirname(os.path.abspath(path))
+    run_dir = os.path.dirname(checkpoints)
+    if os.path.basename(checkpoints) != "checkpoints" or not os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        raise UserError(f"resume={path}: not inside a run dir (<run dir>/checkpoints/step-N with the run's "
+                        "config.yaml), so its settings cannot be checked against this config")
+    return run_dir
+
+
 def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
@@ -147,7 +158,7 @@ def build(cfg, held: contextlib.ExitStack = None):
     held = held if held is not None else contextlib.ExitStack()  # else: held until the process exits
     validate(cfg)
     if in_multirun() and trainers.BasicTrainer.stopped_by_signal:  # Ctrl-C stops the sweep, not one job
-        raise UserError("not started: an earlier job of this sweep was stopped by a signal; rerun with resume=auto")
+        raise NotStarted("not started: an earlier job of this sweep was stopped by a signal; rerun with resume=auto")
     share_cpu_between_jobs()
     run_dir = resolve_run_dir(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
@@ -162,6 +173,9 @@ def build(cfg, held: contextlib.ExitStack = None):
     if sharding.plugin() and lora.enabled(cfg.model):  # an unsupported FSDP setting stops here too
         raise UserError("model.peft.enabled=true with FSDP is not supported: LoRA trains few parameters, so run it "
                         "with DDP (accelerate_config/ddp_gpu.yaml) and, for a large base, model.dtype=bfloat16")
+    if not in_multirun() and os.path.isfile(os.path.join(run_dir, "multirun.yaml")):
+        raise UserError(f"{run_dir} holds a sweep (multirun.yaml): choose another exp_name for a single run, "
+                        "or rerun the sweep with -m")
     lock_run_dir(run_dir, accelerator, held)  # before the run dir is read: another run may be writing it
     if accelerator.is_main_process:
         checkpoint.remove_leftovers(run_dir, log)
@@ -171,7 +185,7 @@ def build(cfg, held: contextlib.ExitStack = None):
         log(f"{run_dir}/FINAL exists: run already finished, nothing to do")
         return None
     if resume:
-        check_resume_config(cfg, run_dir)
+        check_resume_config(cfg, run_dir if cfg.resume == "auto" else checkpoint_run_dir(resume))
     if accelerator.is_main_process:
         try:
             atomic.write_text(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(cfg, resolve=True))

@@ -16,6 +16,10 @@ class UserError(Exception):
     """A mistake in config or input that the user can fix; printed as one line, exit code 2."""
 
 
+class NotStarted(UserError):
+    """A sweep job refused because an earlier job was stopped by a signal: one Ctrl-C stops the sweep."""
+
+
 # Write failures that are the machine's state, not a bug: one line instead of a traceback.
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 

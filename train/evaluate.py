@@ -22,6 +22,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,8 +204,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text).strip("_") or "model"
 
 
-def default_out(path: str, cfg, split: str, eval_subset: bool) -> str:
-    """./eval-report/<run>-<FINAL|step-N>-<data>-<split>/eval_report.json."""
+def default_out(path: str, cfg, split: str, eval_subset: bool, model_overrides: tuple = ()) -> str:
+    """./eval-report/<run>-<FINAL|step-N>-<data>-<split>[-<model.* overrides>]/eval_report.json: a
+    rerun with another max_length, say, does not replace the first report."""
     path = os.path.normpath(os.path.abspath(path))
     parent = os.path.dirname(path)
     if os.path.basename(parent) == "checkpoints":
@@ -216,7 +218,7 @@ def default_out(path: str, cfg, split: str, eval_subset: bool) -> str:
     data = "+".join(Path(str(options.get("test_path") if split == "test" and options.get("test_path")
                              else options.get("path"))).stem if options.get("path") else name
                     for name, options in cfg.datasets.items())
-    name = _slug(f"{model}-{data}-{split}" + ("-eval_subset" if eval_subset else ""))
+    name = _slug("-".join([model, data, split, *(["eval_subset"] if eval_subset else []), *model_overrides]))
     return os.path.join(DEFAULT_OUT_DIR, name, f"{report.REPORT_NAME}.json")
 
 
@@ -228,8 +230,10 @@ def check_out(out: str) -> str:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     except OSError as err:
         return storage_error(f"cannot create the report dir for {out}", err)
-    if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
-        return f"cannot write the report {out}: {os.path.dirname(os.path.abspath(out))} is not writable"
+    try:  # a file made and removed: os.access says yes to root even where nothing can be written (/proc)
+        tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(out))).close()
+    except OSError as err:
+        return storage_error(f"cannot write the report {out}", err)
     return None
 
 
@@ -286,7 +290,8 @@ def evaluate(args) -> dict:
     strings, parsed = parse_overrides(args)
     cfg = data_config(strings, parsed, run_config(path))
     setup = model_setup(path, parsed)
-    out = args.out or default_out(path, cfg, split, args.eval_subset)
+    tweaks = sorted(f"{o.key_or_group[len('model.'):]}={o.value()}" for o in parsed if o.key_or_group in MODEL_KEYS)
+    out = args.out or default_out(path, cfg, split, args.eval_subset, tweaks)
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     main = accelerator.is_main_process

@@ -222,15 +222,20 @@ def export(args):
     setup["dtype"] = "float32"  # the self-check compares rewards in float32, whatever is written
     model, tokenizer = load_reward_model(src, setup, args.trust_remote_code)
     hf_model = model.hf_model
-    if dtype != "float32":  # compare like with like: the reference gets the written weights' rounding
-        with torch.no_grad():
-            for tensor in hf_model.state_dict().values():
-                if tensor.is_floating_point():
-                    tensor.copy_(tensor.to(DTYPES[dtype]))
     fmt = {k: setup[k] for k in ("max_length", "max_prompt_length", "truncation")}
     scorer = Scorer(model, tokenizer, batch_size=len(PROBES), **fmt)
     encoded = [scorer.encode(prompt, response) for prompt, response in PROBES]
     original = scorer.score_encoded(encoded)  # the harness's reward: logits[:, 1], as labeling reads it
+    rounding = ""
+    if dtype != "float32":  # compare like with like: the reference gets the written weights' rounding
+        full = original
+        with torch.no_grad():
+            for tensor in hf_model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(tensor.to(DTYPES[dtype]))
+        original = scorer.score_encoded(encoded)
+        rounding = (f" (against the source rounded to {dtype}; the rounding itself moves them by up to "
+                    f"{max(abs(a - b) for a, b in zip(original, full)):.2g})")
     pad, note = tokenizer.pad_token_id, ""
     if model.pools_last_token:
         pad, note = choose_pad(tokenizer, hf_model.config, encoded)
@@ -257,7 +262,7 @@ def export(args):
         raise UserError(storage_error(f"writing {out}", err)) from None
     print(f"wrote {out}: {name} with num_labels=1 ({dtype}); logits[:, 0] is the reward (logits[:, 1] of {src}; head "
           f"{', '.join(sliced)} cut to row 1); max |exported - original| on {len(PROBES)} probe texts "
-          f"{gap:.2g}{note}")
+          f"{gap:.2g}{rounding}{note}")
 
 
 def main(argv=None):

@@ -6,7 +6,8 @@
 The argument names are those of HALOs' train/label.py. Every pass over the samples is streamed,
 so memory does not grow with the file (only one float per sample is kept, for thresholds and pairs):
 1. no path the run writes (output, partial and temporary files) may be the samples file; every
-   process reads and checks the whole samples file: a bad row stops the run before any model loads;
+   process reads and checks the whole samples file: a bad row stops the run before any model loads
+   (for pairwise feedback, also a prompt_id whose samples have different prompts: a digest each);
 2. the reward model loads with its training run's formatting settings (<run>/config.yaml); code
    shipped with it runs only with --trust_remote_code;
 3. samples are scored in chunks: each process takes every W-th sample of a chunk, encodes it with
@@ -15,11 +16,13 @@ so memory does not grow with the file (only one float per sample is kept, for th
    <output>.partial.jsonl in input order, so a killed run continues where it stopped;
 4. the main process turns rewards into scalar, binary or pairwise rows, writes them under a
    temporary name, renames the file into place and deletes the partial file.
+Ctrl-C or SIGTERM stops the run with one line saying how many samples are saved (exit code 130).
 """
 import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -28,7 +31,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from train import atomic
-from train.errors import UserError, exit_with_error, leave
+from train.errors import UserError, exit_with_error, is_main_process, leave
 from train.labeling import feedback
 from train.labeling.partial import PartialFile, header, partial_path
 from train.labeling.samples import read_samples
@@ -39,7 +42,7 @@ from train.models import DTYPES
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.label", description=__doc__.split("\n")[0])
     p.add_argument("samples_path", help="JSON array or JSONL of {prompt, output, prompt_id, sample_id, ...}")
-    p.add_argument("output_path", help="feedback file: a JSON array, or JSONL when it ends in .jsonl")
+    p.add_argument("output_path", help="feedback file: a JSON array, or JSONL when it ends in .jsonl (any case)")
     p.add_argument("--reward_model_path", required=True, help="a run's FINAL dir, a checkpoint dir or an HF classifier")
     p.add_argument("--feedback_type", choices=feedback.FEEDBACK_TYPES, default=None, help="default: scalar")
     p.add_argument("--feedback_mode", choices=feedback.PAIR_MODES, default="max", help="how pairs are chosen")
@@ -67,7 +70,11 @@ def parse_args(argv=None):
 
 def check_args(args):
     args.feedback_type = args.feedback_type or "scalar"
+    given = args.threshold is not None
     args.threshold = feedback.parse_threshold(args.threshold, args.feedback_type)
+    if given and args.feedback_type == "scalar":  # else silently ignored
+        raise UserError("--threshold does nothing with scalar feedback: "
+                        "it is for --feedback_type binary or pairwise")
     if not os.path.isfile(args.samples_path):
         raise UserError(f"{args.samples_path}: no such file")
     # Every path the labeler writes, checked before anything is read or written.
@@ -138,14 +145,19 @@ def score_all(args, scorer: Scorer, accelerator, partial, total: int, done: int)
                                          worker_init_fn=die_with_parent)
     bar = tqdm(total=total, initial=done, unit="sample", desc="labeling", disable=not main, dynamic_ncols=True)
     truncated = 0
-    for size, rows, encoded, cut, prompt_ids in loader:
-        rewards = scorer.score_encoded(encoded, prompt_ids)
-        everything = gather_object(list(zip(rows, rewards)))
-        truncated += cut
-        if main:
-            partial.append(sorted(everything))
-            bar.update(size)
-    bar.close()
+    try:
+        for size, rows, encoded, cut, prompt_ids in loader:
+            end = bar.n + size  # where the bar stands once this chunk is saved
+            # Per batch, not per chunk of CHUNK_BATCHES: every process scores its share at about the
+            # main one's pace, so the bar moves by world times the main process's batch.
+            rewards = scorer.score_encoded(encoded, prompt_ids, lambda n: bar.update(min(n * world, end - bar.n)))
+            everything = gather_object(list(zip(rows, rewards)))
+            truncated += cut
+            if main:
+                partial.append(sorted(everything))
+                bar.update(end - bar.n)
+    finally:
+        bar.close()  # so that a message after it, a stop's included, starts on a line of its own
     return truncated
 
 
@@ -218,14 +230,25 @@ def write_pairs(args, partial, out) -> str:
 def label(args):
     check_args(args)
     need_id = args.feedback_type == "pairwise"
-    total = sum(1 for _ in read_samples(args.samples_path, args.split, need_id))  # checks every row
+    splits = set()
+    total = sum(1 for _ in read_samples(args.samples_path, args.split, need_id, splits))  # checks every row
+    if args.split is not None and splits and json.dumps(args.split) not in splits:
+        # Samples without a split field are labelled under any --split, so a typo would label only them.
+        raise UserError(f"--split '{args.split}': no sample of {args.samples_path} has it; "
+                        f"splits there: {', '.join(sorted(splits))}")
     if not total:
         raise UserError(f"{args.samples_path}: no samples to label" + (f" in split '{args.split}'" if args.split else ""))
     setup = settings(args.reward_model_path, args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     main = accelerator.is_main_process
     log = (lambda message: tqdm.write(message, file=sys.stderr)) if main else (lambda message: None)
-    model, tokenizer = load_reward_model(args.reward_model_path, setup, args.trust_remote_code)
+    try:
+        model, tokenizer = load_reward_model(args.reward_model_path, setup, args.trust_remote_code)
+    except UserError as err:  # train/models.py says "tokenizer '<path>' ...": name the flag instead
+        for what in ("tokenizer", "model"):
+            if str(err).startswith(f"{what} '{args.reward_model_path}'"):
+                raise UserError("--reward_model_path" + str(err)[len(what):]) from None
+        raise
     partial = PartialFile(partial_path(args.output_path), header(args.samples_path, args.split, args.reward_model_path, setup))
     done = [partial.resume(log) if main else 0]
     broadcast_object_list(done)  # every process skips the same samples
@@ -233,9 +256,15 @@ def label(args):
                     args.batch_size, accelerator.device, args.packing == "on", args.share_prompt == "on")
     log(f"labeling {total} samples from {args.samples_path} with {accelerator.num_processes} process(es); "
         f"max_length {setup['max_length']}, max_prompt_length {setup['max_prompt_length']}")
-    truncated = sum(gather_object([score_all(args, scorer, accelerator, partial, total, done[0])]))
+    try:
+        truncated = sum(gather_object([score_all(args, scorer, accelerator, partial, total, done[0])]))
+        summary = write_feedback(args, partial) if main else None
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main()): what is saved stays for the rerun
+        if main:
+            log(f"stopped by a signal after {partial.saved()} samples scored (saved); "
+                "rerun the same command to continue")
+        leave(130)
     if main:
-        summary = write_feedback(args, partial)
         os.remove(partial.path)
         print(f"wrote {args.output_path}: {summary}; {total} samples scored by "
               f"{accelerator.num_processes} process(es), {truncated} of those truncated this run")
@@ -244,10 +273,18 @@ def label(args):
 
 
 def main(argv=None):
+    # SIGTERM (a scheduler's, `kill`'s) stops the run as Ctrl-C does, instead of killing it silently.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         label(parse_args(argv))
     except UserError as err:
         exit_with_error(err)
+    except KeyboardInterrupt:  # before scoring began or once the output is written: label() reports a stop between
+        if is_main_process():
+            print("stopped by a signal; rerun the same command to continue", file=sys.stderr)
+        leave(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -92,14 +92,21 @@ def check_max_length(m):
         config = config.to_dict()
     else:
         config = OmegaConf.to_container(m.init_config)
+    limit = position_limit(config)
+    if limit and m.max_length > limit:
+        raise UserError(f"model.max_length={m.max_length} is more than the {limit} positions of this "
+                        f"{config['model_type']} model ({m.name_or_path or 'model.init_config'}): "
+                        f"set model.max_length={limit} or less")
+
+
+def position_limit(config: dict):
+    """The longest input a model's learned absolute positions allow (a config.json's dict), or None
+    when it has no such table (rotary and relative positions)."""
     kind = config.get("model_type")
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if kind not in ABSOLUTE_POSITIONS or not limit or config.get("position_embedding_type", "absolute") != "absolute":
-        return
-    limit -= ABSOLUTE_POSITIONS[kind]
-    if m.max_length > limit:
-        raise UserError(f"model.max_length={m.max_length} is more than the {limit} positions of this {kind} model "
-                        f"({m.name_or_path or 'model.init_config'}): set model.max_length={limit} or less")
+        return None
+    return limit - ABSOLUTE_POSITIONS[kind]
 
 
 def convert_gguf(gguf_path: str, cache_root: str) -> str:

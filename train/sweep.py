@@ -33,7 +33,7 @@ from hydra.types import RunMode
 
 from train import atomic
 from train.checkpoint import final_metrics
-from train.errors import LOG, UserError, exit_with_error, is_main_process, is_user_fault, storage_error
+from train.errors import LOG, NotStarted, UserError, exit_with_error, is_main_process, is_user_fault, storage_error
 from train.resolvers import register_resolvers
 
 STATUS_FILE = "job_status.json"
@@ -56,6 +56,12 @@ def check_sweeper(sweeper_cfg):
     if getattr(direction, "name", direction) != "maximize":
         raise UserError("the optuna sweeper must maximise final eval accuracy: use hydra/sweeper=optuna_accuracy "
                         f"or pass hydra.sweeper.direction=maximize (got direction={direction})")
+
+
+def check_sweep_dir(sweep_dir: str):
+    """A sweep does not write its jobs into a single run's dir (one trained with the same exp_name)."""
+    if any(os.path.exists(os.path.join(sweep_dir, f)) for f in ("metrics.jsonl", "FINAL", "checkpoints")):
+        raise UserError(f"{sweep_dir} holds a single run (not a sweep): choose another exp_name for the sweep")
 
 
 # ---- per-job status ------------------------------------------------------------------------------
@@ -86,14 +92,17 @@ def job_started(job_dir: str):
     _write_status(job_dir, status)
 
 
-def job_ended(job_dir: str, failed: bool, error: str = None):
+def job_ended(job_dir: str, failed: bool, error: str = None, not_started: bool = False):
     """Wall time adds up over the attempts that trained (a resume continues the clock); a rerun that
-    only found FINAL already there adds nothing."""
+    only found FINAL already there adds nothing. not_started: refused after a Ctrl-C stopped an
+    earlier job (not a failure of this job's)."""
     status = read_status(job_dir)
     seconds = time.time() - status.get("started", time.time())
     if not status.get("final_at_start"):
         status["wall_time_s"] = status.get("wall_time_s", 0.0) + seconds
-    if failed:
+    if not_started:
+        state = "not started"
+    elif failed:
         state = "failed"
     else:
         state = "skipped" if status.get("final_at_start") else "completed"
@@ -109,6 +118,7 @@ class SummaryCallback(Callback):
     def on_multirun_start(self, config, **kwargs):
         try:  # before any job starts, in the process that runs the sweeper
             check_sweeper(config.hydra.sweeper)
+            check_sweep_dir(config.hydra.sweep.dir)
         except UserError as err:
             exit_with_error(err)
 
@@ -127,8 +137,9 @@ class SummaryCallback(Callback):
             # prints it with a traceback; a user mistake gets one line instead, printed by the main
             # process only (the others print an empty one), that points at the summary.
             job = os.path.relpath(config.hydra.runtime.output_dir, config.hydra.sweep.dir)
+            what = error_line(err) if isinstance(err, NotStarted) else f"failed: {error_line(err)}"
             compact = CompactHydraException(
-                f"error: job {job} failed: {error_line(err)}; every job's outcome: "
+                f"error: job {job} {what}; every job's outcome: "
                 f"{os.path.join(config.hydra.sweep.dir, 'summary.md')}" if is_main_process() else "")
             compact.__cause__ = err  # HYDRA_FULL_ERROR=1 still shows where it was raised
             job_return._return_value = compact
@@ -136,7 +147,8 @@ class SummaryCallback(Callback):
             return
         if failed and LOG.handlers:  # the job's launch.log, which Hydra's logging still points at
             LOG.error(error_line(err))
-        job_ended(config.hydra.runtime.output_dir, failed, error_line(err) if failed else None)
+        job_ended(config.hydra.runtime.output_dir, failed, error_line(err) if failed else None,
+                  not_started=isinstance(err, NotStarted))
         write_summary(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs):
@@ -190,8 +202,8 @@ def read_job(sweep_dir: str, job_dir: str, sweep_over: bool = False) -> dict:
             row["note"] = f"last attempt failed: {row['note']}"
         elif state == "skipped":
             row["note"] = "rerun skipped it: already finished"
-    elif state == "failed":
-        row["status"] = "failed"
+    elif state in ("failed", "not started"):
+        row["status"] = state
     elif state == "running":
         row["status"] = "interrupted" if sweep_over else "running"
     elif state in ("completed", "skipped"):
@@ -250,13 +262,39 @@ def summarize(sweep_dir: str, sweep_over: bool = False) -> dict:
                              -_number(r["metrics"].get("accuracy"), -math.inf), _number(r["metrics"].get("loss")),
                              r["job"]))
     subsets = sorted({k for r in rows for k in r["metrics"] if k.startswith("accuracy/")})
-    return {"sweep_dir": sweep_dir, "rows": rows, "params": swept_params(rows, sweep_keys(sweep_dir)),
+    params = swept_params(rows, sweep_keys(sweep_dir))
+    for r in rows:  # a job that left a swept key at its default: the value it ran with
+        for p in params:
+            if p not in r["params"]:
+                r["params"][p] = _job_default(os.path.join(sweep_dir, r["job"]), p)
+    return {"sweep_dir": sweep_dir, "rows": rows, "params": params,
             "metrics": [METRICS[0], *subsets, *METRICS[1:]], "best": best}
+
+
+def _job_default(job_dir: str, key: str) -> str:
+    """The value a job ran `key` with when its overrides do not set it: a config group's choice (from
+    Hydra's .hydra/hydra.yaml), else the key in .hydra/config.yaml; "" when neither says."""
+    try:
+        with open(os.path.join(job_dir, ".hydra", "hydra.yaml")) as f:
+            choices = yaml.safe_load(f)["hydra"]["runtime"]["choices"] or {}
+        if key in choices:
+            return str(choices[key])
+        with open(os.path.join(job_dir, ".hydra", "config.yaml")) as f:
+            value = yaml.safe_load(f)
+        for part in key.split("."):
+            value = value[part]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return ""
+    return "" if isinstance(value, (dict, list)) or value is None else str(value)
 
 
 # ---- writing the summary -------------------------------------------------------------------------
 def _table(summary: dict) -> tuple:
-    header = ["best", *summary["params"], "status", *summary["metrics"], "wall_time_s", "note", "job"]
+    fixed = {"best", "status", *summary["metrics"], "wall_time_s", "note", "job"}
+    # A swept key named like a result column (the loss config group: loss=hinge) gets a suffix, or
+    # the CSV would hold two 'loss' columns and a dict reader would keep only one.
+    params = [f"{p}_override" if p in fixed else p for p in summary["params"]]
+    header = ["best", *params, "status", *summary["metrics"], "wall_time_s", "note", "job"]
     body = []
     for r in summary["rows"]:
         body.append([r["best"], *[r["params"].get(p, "") for p in summary["params"]], r["status"],

@@ -183,6 +183,12 @@ class BasicTrainer(abc.ABC):
         self.scheduler = get_scheduler(cfg.scheduler, optimizer,
                                        num_warmup_steps=math.ceil(cfg.warmup * self.total_steps),
                                        num_training_steps=self.total_steps)
+        lambdas = getattr(self.scheduler, "lr_lambdas", None)  # get_scheduler's schedules are LambdaLRs
+        if lambdas and not any(f(s) for f in lambdas for s in range(self.total_steps)):
+            # A linear warmup starts at 0: a run of 1 step (n_examples = batch_size) would change nothing.
+            self._say(f"warning: the learning rate is 0 at every one of the {self.total_steps} optimizer step(s) "
+                      f"(warmup={cfg.warmup}, scheduler={cfg.scheduler}), so the weights will not change: train more "
+                      "steps or set warmup=0")
         if cfg.compile:  # in place: the state dict keeps its names, so checkpoints are unchanged
             model.hf_model.base_model.compile(dynamic=True)
         # A sharded model is never handed to accelerate, which would wrap it in DDP on CPU processes.

@@ -146,10 +146,11 @@ class FeedbackWriter:
 
 @contextlib.contextmanager
 def feedback_file(path: str):
-    """A FeedbackWriter (JSONL when the path ends in .jsonl) that becomes `path` only if the block
-    ends without an error. It writes a new file of its own under atomic.temp_path(path), never
-    through a link left at that name (train/atomic.py), so it cannot overwrite another file."""
+    """A FeedbackWriter (JSONL when the path ends in .jsonl, in any case) that becomes `path` only
+    if the block ends without an error. It writes a new file of its own under
+    atomic.temp_path(path), never through a link left at that name (train/atomic.py), so it
+    cannot overwrite another file."""
     with atomic.write_file(path, encoding="utf-8") as f:
-        out = FeedbackWriter(f, path.endswith(".jsonl"))
+        out = FeedbackWriter(f, path.lower().endswith(".jsonl"))
         yield out
         out.finish()

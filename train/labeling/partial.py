@@ -79,6 +79,14 @@ class PartialFile:
             f.flush()
             os.fsync(f.fileno())  # a kill after this loses nothing already reported as done
 
+    def saved(self) -> int:
+        """Samples whose lines are complete in the file: what a rerun keeps (0 if there is no file)."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path, "rb") as f:
+            next(f, None)
+            return sum(1 for line in f if line.endswith(b"\n"))  # not a line torn by a stop mid-write
+
     def rewards(self):
         """(row, reward) in input order."""
         with open(self.path) as f:

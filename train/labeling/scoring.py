@@ -24,7 +24,7 @@ from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.data.packing import pack
 from train.errors import UserError
 from train.labeling.samples import read_samples
-from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, prepare_tokenizer
+from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, position_limit, prepare_tokenizer
 
 CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
 # Used only for a plain classifier dir with no training run: HALOs' labeler defaults.
@@ -67,7 +67,8 @@ def settings(path: str, args) -> dict:
         config_file = os.path.join(path, "config.json")
         if os.path.isfile(config_file):
             with open(config_file) as f:
-                positions = json.load(f).get("max_position_embeddings") or base["max_length"]
+                config = json.load(f)
+            positions = position_limit(config) or config.get("max_position_embeddings") or base["max_length"]
             base["max_length"] = min(base["max_length"], positions)
     for key in ("max_length", "max_prompt_length", "dtype"):
         if getattr(args, key) is not None:
@@ -110,6 +111,11 @@ def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
         if trust_remote_code or "trust_remote_code" not in str(err):
             raise
         raise UserError((shipped_code(sources) or f"{sources[0]} ships its own model code") + refusal) from None
+    limit = position_limit(model.config.to_dict())
+    if limit and setup["max_length"] > limit:  # else the first long text stops scoring with an IndexError
+        kind = model.config.model_type
+        raise UserError(f"max_length {setup['max_length']} is more than the {limit} positions of this {kind} model "
+                        f"({path}): use a max_length of {limit} or less")
     return model.eval(), tokenizer
 
 
@@ -193,18 +199,23 @@ class Scorer:
                             self.device)
 
     @torch.inference_mode()
-    def score_encoded(self, encoded: list, groups: list = None) -> list:
-        """Rewards in the order of `encoded`; groups: each sample's prompt_id (or None), for sharing."""
+    def score_encoded(self, encoded: list, groups: list = None, progress=None) -> list:
+        """Rewards in the order of `encoded`; groups: each sample's prompt_id (or None), for sharing;
+        progress: called with each batch's number of samples once it is scored (a progress bar)."""
         rewards = [0.0] * len(encoded)
         if self.packing is None:
             for idx in self.batches(encoded):
                 for i, r in zip(idx, self.model(**self.collate([encoded[i] for i in idx])).float().tolist()):
                     rewards[i] = r
+                if progress:
+                    progress(len(idx))
             return rewards
         for blocks in self.packed_batches(encoded, groups):
             scores = self.model(**self.pack([[encoded[i] for i in block] for block in blocks])).float().tolist()
             for i, r in zip([i for block in blocks for i in block], scores):
                 rewards[i] = r
+            if progress:
+                progress(len(scores))
         return rewards
 
 
