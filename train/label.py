@@ -242,13 +242,7 @@ def label(args):
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     main = accelerator.is_main_process
     log = (lambda message: tqdm.write(message, file=sys.stderr)) if main else (lambda message: None)
-    try:
-        model, tokenizer = load_reward_model(args.reward_model_path, setup, args.trust_remote_code)
-    except UserError as err:  # train/models.py says "tokenizer '<path>' ...": name the flag instead
-        for what in ("tokenizer", "model"):
-            if str(err).startswith(f"{what} '{args.reward_model_path}'"):
-                raise UserError("--reward_model_path" + str(err)[len(what):]) from None
-        raise
+    model, tokenizer = load_reward_model(args.reward_model_path, setup, args.trust_remote_code)
     partial = PartialFile(partial_path(args.output_path), header(args.samples_path, args.split, args.reward_model_path, setup))
     done = [partial.resume(log) if main else 0]
     broadcast_object_list(done)  # every process skips the same samples

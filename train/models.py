@@ -92,11 +92,16 @@ def check_max_length(m):
         config = config.to_dict()
     else:
         config = OmegaConf.to_container(m.init_config)
+    check_positions(config, m.max_length, m.name_or_path or "model.init_config", "model.max_length")
+
+
+def check_positions(config: dict, max_length: int, source: str, setting: str):
+    """One line if `max_length` is past the model's learned positions (a config.json's dict): the
+    first longer text would otherwise stop the run with an IndexError."""
     limit = position_limit(config)
-    if limit and m.max_length > limit:
-        raise UserError(f"model.max_length={m.max_length} is more than the {limit} positions of this "
-                        f"{config['model_type']} model ({m.name_or_path or 'model.init_config'}): "
-                        f"set model.max_length={limit} or less")
+    if limit and max_length > limit:
+        raise UserError(f"{setting}={max_length} is more than the {limit} positions of this {config['model_type']} "
+                        f"model ({source}): set {setting}={limit} or less")
 
 
 def position_limit(config: dict):
@@ -143,8 +148,9 @@ def convert_gguf(gguf_path: str, cache_root: str) -> str:
     return out
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    _check_local_or_hub(name_or_path, "tokenizer")
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, what: str = "tokenizer"):
+    """what: how a path that cannot hold a tokenizer is named in the error (a command-line flag)."""
+    _check_local_or_hub(name_or_path, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -132,12 +132,13 @@ class SummaryCallback(Callback):
         failed = job_return.status == JobStatus.FAILED
         # _return_value holds the exception of a failed job; the public property would re-raise it.
         err = job_return._return_value if failed else None
+        line = error_line(err) if failed else None
         if failed and is_user_fault(err):
             # The sweeper re-raises the first failed job's exception once its batch has run, and Hydra
             # prints it with a traceback; a user mistake gets one line instead, printed by the main
             # process only (the others print an empty one), that points at the summary.
             job = os.path.relpath(config.hydra.runtime.output_dir, config.hydra.sweep.dir)
-            what = error_line(err) if isinstance(err, NotStarted) else f"failed: {error_line(err)}"
+            what = line if isinstance(err, NotStarted) else f"failed: {line}"
             compact = CompactHydraException(
                 f"error: job {job} {what}; every job's outcome: "
                 f"{os.path.join(config.hydra.sweep.dir, 'summary.md')}" if is_main_process() else "")
@@ -146,8 +147,8 @@ class SummaryCallback(Callback):
         if not is_main_process():
             return
         if failed and LOG.handlers:  # the job's launch.log, which Hydra's logging still points at
-            LOG.error(error_line(err))
-        job_ended(config.hydra.runtime.output_dir, failed, error_line(err) if failed else None,
+            LOG.error(line)
+        job_ended(config.hydra.runtime.output_dir, failed, line,
                   not_started=isinstance(err, NotStarted))
         write_summary(config.hydra.sweep.dir)
 

@@ -24,7 +24,8 @@ from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.data.packing import pack
 from train.errors import UserError
 from train.labeling.samples import read_samples
-from train.models import AutoModelForBradleyTerry, build_model, load_tokenizer, position_limit, prepare_tokenizer
+from train.models import (AutoModelForBradleyTerry, build_model, check_positions, load_tokenizer, position_limit,
+                          prepare_tokenizer)
 
 CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
 # Used only for a plain classifier dir with no training run: HALOs' labeler defaults.
@@ -103,7 +104,7 @@ def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
                 lora.load_weights(model, os.path.join(path, "model.safetensors"), check_base=same_dtype)
                 lora.merge(model)  # scored as FINAL would score it: a plain classifier
         else:
-            tokenizer = load_tokenizer(path, trust_remote_code)
+            tokenizer = load_tokenizer(path, trust_remote_code, what="--reward_model_path")
             model = AutoModelForBradleyTerry.from_pretrained(
                 path, setup["dtype"], tokenizer.pad_token_id,
                 cfg.model.attn_implementation if cfg is not None else None, trust_remote_code)
@@ -111,11 +112,7 @@ def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
         if trust_remote_code or "trust_remote_code" not in str(err):
             raise
         raise UserError((shipped_code(sources) or f"{sources[0]} ships its own model code") + refusal) from None
-    limit = position_limit(model.config.to_dict())
-    if limit and setup["max_length"] > limit:  # else the first long text stops scoring with an IndexError
-        kind = model.config.model_type
-        raise UserError(f"max_length {setup['max_length']} is more than the {limit} positions of this {kind} model "
-                        f"({path}): use a max_length of {limit} or less")
+    check_positions(model.config.to_dict(), setup["max_length"], path, "max_length")
     return model.eval(), tokenizer
 
 
