@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from train.data.options import DataSource
 from train.data.jsonfile import MAX_DEPTH, iter_json_array, read_rows
-from train.data.sources import data_source, preference_row, read_file
+from train.data.sources import data_source, read_file
 from train.errors import UserError
 from tests.conftest import ROOT, final_metrics, launch
 

@@ -8,11 +8,10 @@ import io
 import json
 import math
 import os
-import subprocess
 
 import pytest
 
-from tests.conftest import LAUNCH, ROOT, env, main_in_process
+from tests.conftest import LAUNCH, main_in_process, python
 from train import evaluate as evaluate_module
 from train import report
 
@@ -142,9 +141,8 @@ def test_final_holds_the_report_and_evaluate_reproduces_it(shared_run, one_proce
 def test_two_processes_report_what_one_reports(shared_run, one_process):
     root, one, _ = one_process
     out = root / "two" / "report.json"
-    proc = subprocess.run([*LAUNCH, "--config_file", "accelerate_config/ddp_cpu_2proc.yaml", "-m",
-                           "train.evaluate", "--reward_model_path", str(shared_run / "FINAL"), "--out", str(out),
-                           f"cache_dir={root}"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    proc = python([*LAUNCH, "--config_file", "accelerate_config/ddp_cpu_2proc.yaml", "-m", "train.evaluate",
+                   "--reward_model_path", str(shared_run / "FINAL"), "--out", str(out), f"cache_dir={root}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scored by 2 process(es)" in proc.stdout  # really 2 processes, not 2 copies of rank 0
     two = json.loads(out.read_text())

@@ -12,7 +12,7 @@ import subprocess
 import torch
 
 from tests.conftest import (LAUNCH, PYTHON, ROOT, TINY, env, final_metrics, final_weights, launch, main_in_process,
-                            max_gap, metrics)
+                            max_gap, metrics, python)
 from train.label import main as label_main
 
 FSDP = "accelerate_config/fsdp_cpu_2proc.yaml"
@@ -21,9 +21,8 @@ ARGS = [*TINY, "microbatch_size=4", "n_eval_examples=41", "eval_batch_size=4", "
 
 def run(args, config=FSDP, nproc=None, kill_at=None, check=True, extra_env=None):
     extra = ["--num_processes", str(nproc)] if nproc else []
-    proc = subprocess.run([*LAUNCH, "--config_file", config, *extra, "launch.py", *ARGS, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=env(**({"REWARD_HARNESS_KILL_AT": kill_at} if kill_at else {}), **(extra_env or {})))
+    proc = python([*LAUNCH, "--config_file", config, *extra, "launch.py", *ARGS, *args],
+                  environ=env(**({"REWARD_HARNESS_KILL_AT": kill_at} if kill_at else {}), **(extra_env or {})))
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

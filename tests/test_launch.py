@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import (ROOT, TINY, accelerate_launch, error_line, final_metrics, final_weights, launch, launch_each,
-                            max_gap, metrics)
+from tests.conftest import (PYTHON, ROOT, SHARED_RUN, TINY, accelerate_launch, env, error_line, final_metrics,
+                            final_weights, launch, launch_each, max_gap, metrics)
 
 
 def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(shared_run):
@@ -69,6 +69,19 @@ def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(s
     scores = [p[s] for p in predictions for s in ("chosen", "rejected")]
     assert evals[-1]["reward_max"] == pytest.approx(max(scores), abs=1e-5)
     assert evals[-1]["reward_min"] == pytest.approx(min(scores), abs=1e-5)
+
+
+def test_a_fresh_interpreter_trains_what_the_tests_zygote_trains(shared_run, tmp_path):
+    """Most runs in this suite start in tests/zygote.py, a pre-imported Python that forks per run.
+    This one starts as `python launch.py` does, and ends with the same weights and metrics, bit for bit."""
+    args = [*SHARED_RUN, "write_predictions=true", f"cache_dir={tmp_path}", "exp_name=shared"]
+    subprocess.run([PYTHON, "launch.py", *args], cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600)
+    fresh, forked = final_weights(tmp_path / "shared"), final_weights(shared_run)
+    assert fresh.keys() == forked.keys() and all(torch.equal(fresh[k], forked[k]) for k in fresh)
+    curve = lambda run: [(r["split"], r["step"], r["loss"], r["accuracy"]) for r in metrics(run)]  # noqa: E731
+    assert curve(tmp_path / "shared") == curve(shared_run)
+    predictions = "generated_predictions.jsonl"
+    assert (tmp_path / "shared" / predictions).read_text() == (shared_run / predictions).read_text()
 
 
 def test_minilm_short_run_lowers_eval_loss(cache):

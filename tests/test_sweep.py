@@ -2,7 +2,6 @@
 distributed jobs and wandb grouping; plus the summary's ranking rules on hand-made job dirs."""
 import csv
 import json
-import os
 import re
 import struct
 import subprocess
@@ -15,7 +14,7 @@ import yaml
 from train.build import threads_per_job
 from train.resolvers import job_subdir
 from train.sweep import summarize, write_summary
-from tests.conftest import PORT
+from tests.conftest import PORT, env, python
 
 ROOT = Path(__file__).resolve().parent.parent
 # A random 2-layer Llama on 128 pairs: 4 optimizer steps of 32 pairs, a few seconds per job.
@@ -24,10 +23,7 @@ METRIC_COLUMNS = ("accuracy", "loss", "margin")
 
 
 def run(args, check=True, script="launch.py"):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="offline",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = python([script, *args])
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -108,8 +104,7 @@ def test_grid_sweep_writes_one_run_dir_per_job_and_a_correct_summary(grid):
     before = (sweep_dir / "summary.csv").read_text()
     for name in ("summary.csv", "summary.md", "summary.png"):
         (sweep_dir / name).unlink()
-    out = subprocess.run([sys.executable, "scripts/summarize_sweep.py", str(sweep_dir)], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = run([str(sweep_dir)], script="scripts/summarize_sweep.py").stdout
     assert (sweep_dir / "summary.csv").read_text() == before and "**best**" in out
     assert (sweep_dir / "summary.png").exists() and (sweep_dir / "summary.md").exists()
 
@@ -338,8 +333,7 @@ def test_one_ctrl_c_stops_the_whole_sweep_and_resume_auto_finishes_it(tmp_path):
     args = ["-m", "model=tiny-llama", "datasets.synthetic.n_test=16",
             "n_eval_examples=16", "batch_size=8", "microbatch_size=8", "eval_every=100000", "do_first_eval=false",
             f"cache_dir={tmp_path}", "exp_name=stop", "datasets.synthetic.n_train=400,64,96"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(len(p.read_text().splitlines()) >= 3

@@ -11,7 +11,7 @@ import random
 from collections import Counter
 
 from train.data.example import PreferenceExample
-from train.data.formats import MAX_ABS_MARGIN, Scored, Skip, group_key, make_pairs, parse_row, rename_columns
+from train.data.formats import Scored, Skip, group_key, make_pairs, parse_row, rename_columns
 from train.data.jsonfile import RowError
 from train.data.options import DataSource
 from train.data.tables import has_splits, read_hub, read_path
