@@ -7,9 +7,8 @@ import sys
 
 import hydra
 
-from train.build import build, in_multirun
-from train.checkpoint import final_metrics
-from train.config import check_overrides, create_run_dirs, register
+from train.atomic import final_metrics
+from train.config import check_overrides, create_run_dirs, in_multirun, register, validate
 from train.errors import UserError, exit_with_error, is_user_fault, leave, storage_error
 
 register()
@@ -30,6 +29,11 @@ def main(cfg):
 
 
 def run(cfg, held):
+    # The config is checked before torch, transformers and datasets are imported (about 8 s), so a
+    # mistake in it is reported in a second or two.
+    validate(cfg)
+    from train.build import build
+
     trainer = None
     try:
         trainer = build(cfg, held)

@@ -492,6 +492,9 @@ def test_bad_samples_give_one_line_with_the_row(tmp_path, capsys, name, text, me
     (["--split", "train"], "--split 'train': no sample of {path} has it; splits there: \"test\""),
     (["--threshold", "0.5"], "--threshold does nothing with scalar feedback: it is for --feedback_type binary"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--feedback_mode", "random"], "--feedback_mode is for --feedback_type pairwise: it does nothing with scalar feedback"),
+    (["--feedback_type", "binary", "--seed", "3", "--feedback_mode", "min"],
+     "--feedback_mode and --seed are for --feedback_type pairwise: they do nothing with binary feedback"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, capsys, args, message):
     path = tmp_path / "s.jsonl"

@@ -157,9 +157,17 @@ def test_user_mistakes_give_one_clear_line(cache):
     # a mistake found once Hydra has made the run dir is also kept in its launch.log
     logs = "".join(path.read_text() for path in Path(cache).glob("*/launch.log"))
     assert "[train][ERROR] - lr must be more than 0, got -1.0" in logs
-    # One case as a fresh `python launch.py` too: the one-line exit is not an artefact of launch_each.
-    assert launch(["lrr=1e-4", f"cache_dir={cache}"], check=False).stderr == \
-        "error: unknown config key 'lrr' (did you mean 'lr'?)\n"
+    # Two cases in a fresh interpreter too, as a user types them: the one-line exit is not an artefact
+    # of launch_each, and the config is checked before torch, transformers or datasets are imported,
+    # so a mistake is reported in about a second rather than ten.
+    imported = ("import runpy, sys\nsys.argv = ['launch.py', *sys.argv[1:]]\ntry:\n"
+                "    runpy.run_path('launch.py', run_name='__main__')\nfinally:\n"
+                "    print([m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
+    for override, message in (("lrr=1e-4", "unknown config key 'lrr' (did you mean 'lr'?)"),
+                              ("lr=-1", "lr must be more than 0, got -1.0")):
+        proc = subprocess.run([PYTHON, "-c", imported, override, f"cache_dir={cache}"], cwd=ROOT, env=env(),
+                              capture_output=True, text=True, timeout=120)
+        assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"error: {message}\n", "[]\n")
 
 
 def test_epochs_and_n_examples_count_whole_batches(cache):

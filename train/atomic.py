@@ -10,6 +10,7 @@ sees the old state or the new one, never a half-written file or dir.
 Every temporary name ends in .tmp-<pid>, which checkpoint.remove_leftovers() deletes after a kill.
 """
 import contextlib
+import json
 import os
 import shutil
 
@@ -55,6 +56,16 @@ def write_text(path: str, text: str):
 
 def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
+
+
+def final_metrics(run_dir: str):
+    """The final eval metrics of a finished run (FINAL/metrics.json); None while it has no FINAL.
+    Its accuracy is what a finished job reports to a sweeper."""
+    final = os.path.join(run_dir, "FINAL")
+    if not is_complete(final):
+        return None
+    with open(os.path.join(final, "metrics.json")) as f:
+        return json.load(f)
 
 
 def share_like_umask(directory: str):

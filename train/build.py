@@ -14,15 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from train import atomic, checkpoint, lora, sharding, trainers
-from train.config import Config, validate
+from train.config import Config, in_multirun, validate
 from train.data.loader import load_examples, tokenize
 from train.errors import NotStarted, UserError, say, storage_error
 from train.models import build_model, prepare_tokenizer
 from train.runlock import RunLock
-
-
-def in_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
 def resolve_run_dir(cfg):

@@ -55,16 +55,6 @@ def checkpoint_dirs(run_dir: str) -> tuple:
     return [p for _, p in sorted(complete)], sorted(partial)
 
 
-def final_metrics(run_dir: str):
-    """The final eval metrics of a finished run (FINAL/metrics.json); None while it has no FINAL.
-    Its accuracy is what a finished job reports to a sweeper."""
-    final = os.path.join(run_dir, "FINAL")
-    if not is_complete(final):
-        return None
-    with open(os.path.join(final, "metrics.json")) as f:
-        return json.load(f)
-
-
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],

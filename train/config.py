@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, ValidationError
 
@@ -296,6 +297,10 @@ def create_run_dirs(run_dirs: list):
             raise UserError(storage_error(f"cannot write in the run dir {run_dir}", err))
 
 
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+
+
 def validate(cfg: DictConfig):
     """Checks on values, run before any model loads: one line per mistake."""
     try:
@@ -321,11 +326,11 @@ def validate(cfg: DictConfig):
     if cfg.n_examples is not None and cfg.n_examples < cfg.batch_size:
         raise UserError(f"n_examples ({cfg.n_examples}) must be at least batch_size ({cfg.batch_size})")
     check_run_dir(cfg.cache_dir, cfg.exp_name, cfg.local_run_dir)
-    _check_names(cfg)
     if not cfg.datasets:
         raise UserError("no dataset selected: pass datasets=[synthetic] or datasets=[jsonl] ...")
     for name, options in cfg.datasets.items():
         checked_source_options(name, options)
+    _check_names(cfg)  # last: it imports torch and transformers
 
 
 # The allowed range of every numeric key, checked before any model loads: (low, high), where a

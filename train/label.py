@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("output_path", help="feedback file: a JSON array, or JSONL when it ends in .jsonl (any case)")
     p.add_argument("--reward_model_path", required=True, help="a run's FINAL dir, a checkpoint dir or an HF classifier")
     p.add_argument("--feedback_type", choices=feedback.FEEDBACK_TYPES, default=None, help="default: scalar")
-    p.add_argument("--feedback_mode", choices=feedback.PAIR_MODES, default="max", help="how pairs are chosen")
+    p.add_argument("--feedback_mode", choices=feedback.PAIR_MODES, default=None,
+                   help="pairwise: how pairs are chosen (default: max)")
     p.add_argument("--threshold", default=None,
                    help="number, 'median' or 'mean'. binary: label 1 if reward >= it (default median); "
                         "pairwise: keep pairs whose reward gap exceeds it (default 0)")
@@ -60,7 +61,7 @@ def parse_args(argv=None):
                    help="on: no padding, where the model allows it (train/data/packing.py)")
     p.add_argument("--share_prompt", choices=["on", "off"], default="on",
                    help="on: decoders compute the prompt shared by a prompt_id's samples once (needs packing)")
-    p.add_argument("--seed", type=int, default=0, help="pairwise: random pairing and A/B order")
+    p.add_argument("--seed", type=int, default=None, help="pairwise: random pairing and A/B order (default: 0)")
     p.add_argument("--split", default=None, help="label only samples whose 'split' field is this")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="run Python code shipped with the model or tokenizer (auto_map); never taken "
@@ -75,6 +76,13 @@ def check_args(args):
     if given and args.feedback_type == "scalar":  # else silently ignored
         raise UserError("--threshold does nothing with scalar feedback: "
                         "it is for --feedback_type binary or pairwise")
+    pairwise_only = [f"--{key}" for key in ("feedback_mode", "seed") if getattr(args, key) is not None]
+    if pairwise_only and args.feedback_type != "pairwise":  # else silently ignored
+        are, they_do = ("is", "it does") if len(pairwise_only) == 1 else ("are", "they do")
+        raise UserError(f"{' and '.join(pairwise_only)} {are} for --feedback_type pairwise: "
+                        f"{they_do} nothing with {args.feedback_type} feedback")
+    args.feedback_mode = args.feedback_mode or "max"
+    args.seed = 0 if args.seed is None else args.seed
     if not os.path.isfile(args.samples_path):
         raise UserError(f"{args.samples_path}: no such file")
     # Every path the labeler writes, checked before anything is read or written.

@@ -32,7 +32,6 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 
 from train import atomic
-from train.checkpoint import final_metrics
 from train.errors import LOG, NotStarted, UserError, exit_with_error, is_main_process, is_user_fault, storage_error
 from train.resolvers import register_resolvers
 
@@ -193,7 +192,7 @@ def read_job(sweep_dir: str, job_dir: str, sweep_over: bool = False) -> dict:
     """One row: overrides, status, final eval metrics (from FINAL/metrics.json), wall time, and a note
     (the error of a failed job, or what the last attempt of a finished one did)."""
     status = read_status(job_dir)
-    metrics = final_metrics(job_dir)
+    metrics = atomic.final_metrics(job_dir)
     row = {"job": os.path.relpath(job_dir, sweep_dir), "params": job_overrides(job_dir), "metrics": metrics or {},
            "wall_time_s": status.get("wall_time_s"), "note": status.get("error") or ""}
     state = status.get("state")

@@ -22,7 +22,7 @@ from hydra.core.utils import configure_log, filter_overrides, run_job, setup_glo
 from hydra.plugins.launcher import Launcher
 from omegaconf import open_dict
 
-from train.checkpoint import final_metrics
+from train.atomic import final_metrics
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
