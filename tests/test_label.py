@@ -503,6 +503,22 @@ def test_bad_arguments_give_one_line(tmp_path, capsys, args, message):
     assert code == 2 and err.count("\n") == 1 and message.format(path=path) in err, err
 
 
+def test_a_mistake_is_reported_before_torch_is_imported(tmp_path):
+    """In a fresh interpreter, as a user types it: arguments and rows are checked before torch and
+    transformers are imported (about 8 s), so a mistake is reported in about a second."""
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "output": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
+    imported = ("import runpy, sys\ntry:\n    runpy.run_module('train.label', run_name='__main__', alter_sys=True)\n"
+                "finally:\n    print([m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules])")
+    for args, message in ((["--threshold", "1"], "--threshold does nothing with scalar feedback"),
+                          ([], f"{path}: row 2: field 'output': missing")):
+        proc = subprocess.run([PYTHON, "-c", imported, "--reward_model_path", "unused", *args, str(path),
+                               str(tmp_path / "o.json")], cwd=ROOT, env=LABEL_ENV, capture_output=True, text=True,
+                              timeout=120)
+        assert (proc.returncode, proc.stdout) == (2, "[]\n") and proc.stderr.startswith("error: ") and \
+            proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+
+
 def test_pairwise_refuses_two_prompts_under_one_prompt_id(tmp_path, capsys):
     """The reviewer's file: pairs were written as answers to the second question, one of them "Paris."."""
     path = tmp_path / "s.jsonl"

@@ -27,8 +27,10 @@ sys.path[0] = ROOT  # as `python launch.py` and `python -m train.label` in the r
 
 import torch  # noqa: E402
 
-import launch  # noqa: E402,F401  the imports a run pays
-import train.label  # noqa: E402,F401
+# What a run imports once it is past its argument checks (launch.py and train.label check first
+# and import these after, so importing launch.py or train.label alone would load little).
+import train.build  # noqa: E402,F401
+import train.labeling.scoring  # noqa: E402,F401
 
 replies = os.fdopen(os.dup(1), "w")  # the children get fd 1 for their own stdout
 

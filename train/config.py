@@ -296,6 +296,9 @@ def create_run_dirs(run_dirs: list):
         except OSError as err:
             raise UserError(storage_error(f"cannot write in the run dir {run_dir}", err))
 
+# model.dtype and train.label --dtype: the torch dtypes are train.models.DTYPES, whose import needs torch.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"

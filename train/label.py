@@ -25,18 +25,14 @@ import os
 import signal
 import sys
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from train import atomic
+from train.config import DTYPE_NAMES
 from train.errors import UserError, exit_with_error, is_main_process, leave
 from train.labeling import feedback
 from train.labeling.partial import PartialFile, header, partial_path
 from train.labeling.samples import read_samples
-from train.labeling.scoring import CHUNK_BATCHES, EncodedChunks, Scorer, load_reward_model, settings
-from train.models import DTYPES
 
 
 def parse_args(argv=None):
@@ -53,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=16, help="samples per forward per process")
     p.add_argument("--max_length", type=int, default=None, help="tokens; default: the training run's")
     p.add_argument("--max_prompt_length", type=int, default=None, help="tokens; default: the training run's")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the training run's")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="default: the training run's")
     p.add_argument("--num_workers", type=int, default=None,
                    help="processes that read and encode samples while the model scores; default: 1 on a "
                         "GPU or when torch leaves a CPU core free, else 0")
@@ -135,16 +131,24 @@ def default_workers(accelerator) -> int:
     """1 when a core is free to read and encode while the model scores: always with a GPU; on CPU
     only if torch's threads leave one idle, as a worker on a busy core slows the forward more
     (OpenMP threads spin-wait for the one it preempts) than it saves."""
+    import torch
+
     if accelerator.device.type != "cpu":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 1 if cores > accelerator.num_processes * torch.get_num_threads() else 0
 
 
-def score_all(args, scorer: Scorer, accelerator, partial, total: int, done: int) -> int:
-    """Score the samples after the first `done`; the main process appends them to the partial file.
+def score_all(args, scorer, accelerator, partial, total: int, done: int) -> int:
+    """Score the samples after the first `done` with a scoring.Scorer; the main process appends them
+    to the partial file.
 
     Returns how many samples this process had to truncate."""
+    import torch
+    from accelerate.utils import gather_object
+
+    from train.labeling.scoring import CHUNK_BATCHES, EncodedChunks
+
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     chunks = EncodedChunks(args.samples_path, args.split, done, args.batch_size * world * CHUNK_BATCHES,
                            rank, world, scorer.tokenizer, scorer.format)
@@ -246,6 +250,14 @@ def label(args):
                         f"splits there: {', '.join(sorted(splits))}")
     if not total:
         raise UserError(f"{args.samples_path}: no samples to label" + (f" in split '{args.split}'" if args.split else ""))
+    # Imported only now: torch and transformers take about 8 s, and a mistake in the arguments or
+    # the samples file is reported before that.
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from train.labeling.scoring import Scorer, load_reward_model, settings
+
     setup = settings(args.reward_model_path, args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     main = accelerator.is_main_process

@@ -19,9 +19,10 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from train import atomic, attention, lora
+from train.config import DTYPE_NAMES
 from train.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
