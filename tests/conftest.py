@@ -1,8 +1,8 @@
 """Shared helpers: run the real entry points in subprocesses, offline, as a user would.
 
 Most `python ...` commands run in tests/zygote.py, a Python that has done the 8 s of imports once
-and forks per command (the suite took 14 min 40 s without it, 9 min 33 s with it, on the same
-hour). `REWARD_TESTS_FRESH=1` starts a fresh interpreter for every command instead.
+and forks per command (README, top, for what it saves). `REWARD_TESTS_FRESH=1` starts a fresh
+interpreter for every command instead.
 """
 import json
 import os
@@ -50,7 +50,7 @@ def env(**extra):
 
 # Environment variables the harness reads while it runs, not when it imports: a command whose
 # environment differs from env() only in these can run in the zygote (tests/zygote.py).
-ZYGOTE_ENV = {"OMP_NUM_THREADS", "REWARD_HARNESS_KILL_AT", "REWARD_HARNESS_INF_WEIGHTS_AT", "PYTEST_CURRENT_TEST"}
+ZYGOTE_ENV = {"OMP_NUM_THREADS", "REWARD_HARNESS_KILL_AT", "REWARD_HARNESS_INF_WEIGHTS_AT"}
 
 
 class Zygote:

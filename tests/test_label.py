@@ -490,11 +490,11 @@ def test_bad_samples_give_one_line_with_the_row(tmp_path, capsys, name, text, me
     (["--feedback_type", "binary", "--threshold", "high"], "--threshold must be a number, 'median' or 'mean'"),
     (["--threshold", "nan"], "--threshold must be"),
     (["--split", "train"], "--split 'train': no sample of {path} has it; splits there: \"test\""),
-    (["--threshold", "0.5"], "--threshold does nothing with scalar feedback: it is for --feedback_type binary"),
+    (["--threshold", "0.5"], "--threshold is for --feedback_type binary or pairwise: it does nothing with scalar"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--feedback_mode", "random"], "--feedback_mode is for --feedback_type pairwise: it does nothing with scalar feedback"),
     (["--feedback_type", "binary", "--seed", "3", "--feedback_mode", "min"],
-     "--feedback_mode and --seed are for --feedback_type pairwise: they do nothing with binary feedback"),
+     "--feedback_mode is for --feedback_type pairwise: it does nothing with binary feedback"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, capsys, args, message):
     path = tmp_path / "s.jsonl"
@@ -510,7 +510,7 @@ def test_a_mistake_is_reported_before_torch_is_imported(tmp_path):
     path.write_text(json.dumps({"prompt": "a", "output": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
     imported = ("import runpy, sys\ntry:\n    runpy.run_module('train.label', run_name='__main__', alter_sys=True)\n"
                 "finally:\n    print([m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules])")
-    for args, message in ((["--threshold", "1"], "--threshold does nothing with scalar feedback"),
+    for args, message in ((["--threshold", "1"], "--threshold is for --feedback_type binary or pairwise"),
                           ([], f"{path}: row 2: field 'output': missing")):
         proc = subprocess.run([PYTHON, "-c", imported, "--reward_model_path", "unused", *args, str(path),
                                str(tmp_path / "o.json")], cwd=ROOT, env=LABEL_ENV, capture_output=True, text=True,

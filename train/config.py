@@ -296,6 +296,7 @@ def create_run_dirs(run_dirs: list):
         except OSError as err:
             raise UserError(storage_error(f"cannot write in the run dir {run_dir}", err))
 
+
 # model.dtype and train.label --dtype: the torch dtypes are train.models.DTYPES, whose import needs torch.
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -320,6 +321,8 @@ def validate(cfg: DictConfig):
         raise UserError("set model.name_or_path (a local dir or hub id) or model.init_config")
     if cfg.model.truncation not in TRUNCATION_POLICIES:
         raise UserError(f"model.truncation must be one of {TRUNCATION_POLICIES}, got '{cfg.model.truncation}'")
+    if cfg.model.dtype not in DTYPE_NAMES:
+        raise UserError(f"model.dtype '{cfg.model.dtype}' is not one of {', '.join(DTYPE_NAMES)}")
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got '{cfg.on_nonfinite}'")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
@@ -381,13 +384,10 @@ def _check_names(cfg):
     from transformers import SchedulerType
 
     from train import trainers
-    from train.models import DTYPES
 
     schedulers = [t.value for t in SchedulerType]
     if cfg.scheduler not in schedulers:
         raise UserError(f"scheduler '{cfg.scheduler}' is not one of {', '.join(schedulers)}")
-    if cfg.model.dtype not in DTYPES:
-        raise UserError(f"model.dtype '{cfg.model.dtype}' is not one of {', '.join(DTYPES)}")
     if not isinstance(getattr(torch.optim, cfg.optimizer, None), type):
         raise UserError(f"optimizer '{cfg.optimizer}' is not a class in torch.optim")
     trainers.loss_params(trainers.trainer_class(str(cfg.loss.trainer)), cfg.loss)  # the loss's own keys and values

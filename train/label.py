@@ -65,18 +65,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# Options that act on some feedback types only: given with another type, one is refused, not ignored.
+ONLY_FOR = {"threshold": ("binary", "pairwise"), "feedback_mode": ("pairwise",), "seed": ("pairwise",)}
+
+
 def check_args(args):
     args.feedback_type = args.feedback_type or "scalar"
-    given = args.threshold is not None
+    given = [key for key in ONLY_FOR if getattr(args, key) is not None]
     args.threshold = feedback.parse_threshold(args.threshold, args.feedback_type)
-    if given and args.feedback_type == "scalar":  # else silently ignored
-        raise UserError("--threshold does nothing with scalar feedback: "
-                        "it is for --feedback_type binary or pairwise")
-    pairwise_only = [f"--{key}" for key in ("feedback_mode", "seed") if getattr(args, key) is not None]
-    if pairwise_only and args.feedback_type != "pairwise":  # else silently ignored
-        are, they_do = ("is", "it does") if len(pairwise_only) == 1 else ("are", "they do")
-        raise UserError(f"{' and '.join(pairwise_only)} {are} for --feedback_type pairwise: "
-                        f"{they_do} nothing with {args.feedback_type} feedback")
+    for key in given:
+        if args.feedback_type not in ONLY_FOR[key]:
+            raise UserError(f"--{key} is for --feedback_type {' or '.join(ONLY_FOR[key])}: "
+                            f"it does nothing with {args.feedback_type} feedback")
     args.feedback_mode = args.feedback_mode or "max"
     args.seed = 0 if args.seed is None else args.seed
     if not os.path.isfile(args.samples_path):
