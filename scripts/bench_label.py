@@ -57,7 +57,8 @@ def run(model_path: str, max_length: int, rows: list, batch_size: int, repeat: i
     import torch
 
     from train import label
-    from train.labeling.scoring import CHUNK_BATCHES, Scorer, load_reward_model, settings
+    from train.labeling.scoring import CHUNK_BATCHES, Scorer, load_reward_model
+    from train.model_files import settings
 
     samples = os.path.join(workdir, "label-samples.jsonl")
     with open(samples, "w") as f:

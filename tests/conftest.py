@@ -142,6 +142,29 @@ def accelerate_launch(args, nproc=2, check=True, extra_env=None, timeout=600):
     return proc
 
 
+# Runs a command line as `python -m MODULE ARGS` or `python SCRIPT ARGS` would, then prints which of
+# the heavy packages it imported: a mistake must be reported before them (about a second, not ten).
+IMPORTS = """
+import runpy, sys
+module = sys.argv[1] == "-m"
+sys.argv = sys.argv[2:] if module else sys.argv[1:]
+try:
+    if module:
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    else:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print([m for m in ("torch", "transformers", "datasets", "accelerate") if m in sys.modules])
+"""
+
+
+def heavy_imports(argv, environ=None):
+    """`python ARGV` in a fresh interpreter (the zygote has imported torch already): the
+    CompletedProcess, whose stdout ends with the list of heavy packages the command imported."""
+    return subprocess.run([PYTHON, "-c", IMPORTS, *map(str, argv)], cwd=ROOT, env=environ or env(),
+                          capture_output=True, text=True, timeout=120)
+
+
 def error_line(proc) -> str:
     """The one line a user mistake gives (exit code 2, no traceback); progress bars aside."""
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "tokenizing" not in line]

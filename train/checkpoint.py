@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_st
 from train import lora
 from train.atomic import is_complete, write_text
 from train.errors import UserError
+from train.model_files import SHARDED, is_sharded
 
 
 @dataclass
@@ -83,13 +84,6 @@ def _torch_save(obj, path: str):
 
 def save_rng(tmp_dir: str, rank: int):
     _torch_save(rng_state(), os.path.join(tmp_dir, f"rng-{rank}.pt"))
-
-
-SHARDED = "sharded"  # the DCP dir of a sharded checkpoint
-
-
-def is_sharded(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, SHARDED))
 
 
 def save_sharded(tmp_dir: str, model, optimizer):

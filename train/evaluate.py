@@ -26,23 +26,16 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from train import report
-from train.build import fixed_eval_indices
 from train.checks import check_ranges
-from train.config import RANGES, check_overrides, register
+from train.config import DTYPE_NAMES, RANGES, check_overrides, register
 from train.data.formatting import TRUNCATION_POLICIES
-from train.data.batching import model_inputs
-from train.data.loader import Collator, load_examples, select, tokenize
 from train.data.options import checked_source_options
 from train.errors import UserError, exit_with_error, leave, storage_error
-from train.labeling.scoring import load_reward_model, model_kind, run_config, settings
-from train.models import DTYPES
+from train.model_files import model_kind, run_config, settings
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 DEFAULT_OUT_DIR = "eval-report"  # in the current directory: the model's dir may be read-only
@@ -172,14 +165,14 @@ def data_config(strings: list, parsed: list, run_cfg):
 
 
 def model_setup(path: str, parsed: list) -> dict:
-    """Formatting and dtype: the run's (train.labeling.scoring.settings), model.* overrides winning."""
+    """Formatting and dtype: the run's (train.model_files.settings), model.* overrides winning."""
     given = {o.key_or_group: o.value() for o in parsed if o.key_or_group in MODEL_KEYS}
     check_ranges(OmegaConf.create({"model": {k[len("model."):]: v for k, v in given.items()}}),
                  {k: RANGES[k] for k in ("model.max_length", "model.max_prompt_length")})  # training's bounds
     if given.get("model.truncation", TRUNCATION_POLICIES[0]) not in TRUNCATION_POLICIES:
         raise UserError(f"model.truncation must be one of {TRUNCATION_POLICIES}, got '{given['model.truncation']}'")
-    if given.get("model.dtype", "float32") not in DTYPES:
-        raise UserError(f"model.dtype '{given['model.dtype']}' is not one of {', '.join(DTYPES)}")
+    if given.get("model.dtype", "float32") not in DTYPE_NAMES:
+        raise UserError(f"model.dtype '{given['model.dtype']}' is not one of {', '.join(DTYPE_NAMES)}")
     overrides = {k: given.get(f"model.{k}") for k in ("max_length", "max_prompt_length", "dtype")}
     setup = settings(path, SimpleNamespace(**overrides))
     if "model.truncation" in given:
@@ -239,6 +232,8 @@ def check_out(out: str) -> str:
 
 def same_on_every_process(error):
     """The main process's error (or None) on every process, so all stop with the same line."""
+    from accelerate.utils import broadcast_object_list
+
     message = [error]
     broadcast_object_list(message)
     if message[0]:
@@ -254,9 +249,13 @@ def pick_examples(train: list, test: list, split: str) -> list:
     return examples
 
 
-@torch.inference_mode()
 def score_pairs(model, tokenizer, ds, indices: list, accelerator, batch_size: int) -> list:
     """This process's share (every W-th of `indices`) as report pairs: scores, source, subset, lengths."""
+    import torch
+
+    from train.data.batching import model_inputs
+    from train.data.loader import Collator, select
+
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     rows = select(ds, indices[rank::world])
     rows.sort(key=lambda r: -len(r["chosen_ids"]) - len(r["rejected_ids"]))  # minimal padding
@@ -268,7 +267,8 @@ def score_pairs(model, tokenizer, ds, indices: list, accelerator, batch_size: in
     for i in range(0, len(rows), batch_size):
         part = rows[i:i + batch_size]
         batch = collate(part)
-        scores = model(**model_inputs(batch, device)).float().tolist()
+        with torch.inference_mode():
+            scores = model(**model_inputs(batch, device)).float().tolist()
         for j, row in enumerate(part):
             chosen_len, rejected_len = report.response_lengths(row["chosen_ids"], row["rejected_ids"])
             pairs.append({"index": row["index"], "source": row.get("source", ""), "subset": row["subset"],
@@ -292,6 +292,15 @@ def evaluate(args) -> dict:
     setup = model_setup(path, parsed)
     tweaks = sorted(f"{o.key_or_group[len('model.'):]}={o.value()}" for o in parsed if o.key_or_group in MODEL_KEYS)
     out = args.out or default_out(path, cfg, split, args.eval_subset, tweaks)
+    # Imported only now: torch, transformers and datasets take about 9 s, and a mistake in the
+    # arguments, the overrides or the model dir is reported before that.
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from train.build import fixed_eval_indices
+    from train.data.loader import load_examples, tokenize
+    from train.labeling.scoring import load_reward_model
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     main = accelerator.is_main_process

@@ -33,14 +33,10 @@ import json
 import os
 from types import SimpleNamespace
 
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers.utils import logging as hf_logging
-
 from train import atomic
+from train.config import DTYPE_NAMES
 from train.errors import UserError, exit_with_error, storage_error
-from train.labeling.scoring import Scorer, encode_sample, load_reward_model, model_kind, run_config, settings
-from train.models import DTYPES
+from train.model_files import model_kind, run_config, settings
 
 TOLERANCE = 1e-5  # the largest |exported - original| reward on the probe texts that is published
 # Prompt/response pairs of different lengths (one a chat) for the self-check: padded as one batch.
@@ -62,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--single-logit", dest="single_logit", action="store_true",
                    help="write a num_labels=1 classifier whose logits[:, 0] is the reward (the only format so far)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model dir at OUT")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype of the written weights; default: the source's")
     p.add_argument("--trust_remote_code", action="store_true",
                    help="run Python code shipped with the model or tokenizer (auto_map); never taken "
@@ -118,9 +114,9 @@ def source_dtype(src: str, run_cfg) -> str:
         dtype = config.get("dtype") or config.get("torch_dtype")
     except (OSError, ValueError):
         dtype = None
-    if dtype not in DTYPES and run_cfg is not None:
+    if dtype not in DTYPE_NAMES and run_cfg is not None:
         dtype = run_cfg.model.dtype
-    return dtype if dtype in DTYPES else "float32"
+    return dtype if dtype in DTYPE_NAMES else "float32"
 
 
 def _eos_ids(tokenizer, config) -> set:
@@ -152,10 +148,14 @@ def choose_pad(tokenizer, config, encoded: list):
     return pad, f"; note: pad token {tokenizer.pad_token!r} is eos, a text that ends with it is scored at the wrong token"
 
 
-def single_logit_state_dict(hf_model, config, dtype: torch.dtype, trust_remote_code: bool):
-    """(module with the num_labels=1 layout, its weights): every weight of hf_model, with row 1 of
-    each head tensor whose label dim shrinks from 2 to 1 (weight [2, H] -> [1, H], bias [2] -> [1]).
-    The layout comes from the model class itself, built on the meta device (no memory, no init)."""
+def single_logit_state_dict(hf_model, config, dtype, trust_remote_code: bool):
+    """(module with the num_labels=1 layout, its weights in torch dtype `dtype`): every weight of
+    hf_model, with row 1 of each head tensor whose label dim shrinks from 2 to 1 (weight [2, H] ->
+    [1, H], bias [2] -> [1]). The layout comes from the model class itself, built on the meta
+    device (no memory, no init)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
     with torch.device("meta"):
         skeleton = AutoModelForSequenceClassification.from_config(config, dtype=dtype,
                                                                   trust_remote_code=trust_remote_code)
@@ -191,10 +191,15 @@ def one_logit_config(hf_model, pad_token_id: int, dtype: str):
     return config
 
 
-@torch.inference_mode()
 def exported_rewards(path: str, samples: list, fmt: dict, trust_remote_code: bool) -> list:
     """logits[:, 0] of the written dir, loaded and fed as a user would: plain transformers, its own
     tokenizer padding one batch (its pad token, its padding side)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from train.labeling.scoring import encode_sample
+
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -210,12 +215,33 @@ def exported_rewards(path: str, samples: list, fmt: dict, trust_remote_code: boo
     keys = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in accepted else [])
     encoded = [encode_sample(tokenizer, prompt, response, fmt) for prompt, response in samples]
     batch = tokenizer.pad([{k: e[k] for k in keys if k in e} for e in encoded], return_tensors="pt")
-    logits = model(**{k: batch[k] for k in keys if k in batch}).logits
+    with torch.inference_mode():
+        logits = model(**{k: batch[k] for k in keys if k in batch}).logits
     return logits[:, 0].float().tolist()
 
 
 def export(args):
     check_paths(args)
+    # Imported only now: torch and transformers take about 8 s, and a mistake in the paths is
+    # reported before that.
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # loading and writing bars would bury the one line this prints
+    try:
+        write_single_logit(args)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def write_single_logit(args):
+    """The export itself, its paths checked: load, slice the head, write, self-check, publish."""
+    import torch
+
+    from train.labeling.scoring import Scorer, load_reward_model
+    from train.models import DTYPES
+
     src, out = args.source, args.out
     setup = settings(src, SimpleNamespace(max_length=None, max_prompt_length=None, dtype=None))
     dtype = args.dtype or source_dtype(src, setup["run_config"])
@@ -266,15 +292,10 @@ def export(args):
 
 
 def main(argv=None):
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # loading and writing bars would bury the one line this prints
     try:
         export(parse_args(argv))
     except UserError as err:
         exit_with_error(err)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from train.errors import UserError, exit_with_error, is_main_process, leave
 from train.labeling import feedback
 from train.labeling.partial import PartialFile, header, partial_path
 from train.labeling.samples import read_samples
+from train.model_files import settings
 
 
 def parse_args(argv=None):
@@ -250,15 +251,15 @@ def label(args):
                         f"splits there: {', '.join(sorted(splits))}")
     if not total:
         raise UserError(f"{args.samples_path}: no samples to label" + (f" in split '{args.split}'" if args.split else ""))
-    # Imported only now: torch and transformers take about 8 s, and a mistake in the arguments or
-    # the samples file is reported before that.
+    setup = settings(args.reward_model_path, args)
+    # Imported only now: torch and transformers take about 8 s, and a mistake in the arguments, the
+    # model dir or the samples file is reported before that.
     import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, gather_object
 
-    from train.labeling.scoring import Scorer, load_reward_model, settings
+    from train.labeling.scoring import Scorer, load_reward_model
 
-    setup = settings(args.reward_model_path, args)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # else each CPU process is "rank 0 of 1"
     main = accelerator.is_main_process
     log = (lambda message: tqdm.write(message, file=sys.stderr)) if main else (lambda message: None)

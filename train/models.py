@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from train import atomic, attention, lora
 from train.config import DTYPE_NAMES
 from train.errors import UserError
+from train.model_files import position_limit
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -76,13 +77,6 @@ def _hub_unreachable():
     return None
 
 
-# Model types whose positions are learned absolute embeddings: a sequence past them has no
-# position and stops the run with an IndexError, maybe hours in. The number is the positions an
-# input cannot use (RoBERTa's count from padding_idx + 1). Rotary models have no such table.
-ABSOLUTE_POSITIONS = {"bert": 0, "distilbert": 0, "electra": 0, "gpt2": 0, "roberta": 2, "xlm-roberta": 2,
-                      "camembert": 2}
-
-
 def check_max_length(m):
     """model.max_length against the positions the model has, before any data is tokenised."""
     if m.name_or_path is not None:
@@ -103,16 +97,6 @@ def check_positions(config: dict, max_length: int, source: str, setting: str):
     if limit and max_length > limit:
         raise UserError(f"{setting}={max_length} is more than the {limit} positions of this {config['model_type']} "
                         f"model ({source}): set {setting}={limit} or less")
-
-
-def position_limit(config: dict):
-    """The longest input a model's learned absolute positions allow (a config.json's dict), or None
-    when it has no such table (rotary and relative positions)."""
-    kind = config.get("model_type")
-    limit = config.get("max_position_embeddings") or config.get("n_positions")
-    if kind not in ABSOLUTE_POSITIONS or not limit or config.get("position_embedding_type", "absolute") != "absolute":
-        return None
-    return limit - ABSOLUTE_POSITIONS[kind]
 
 
 def convert_gguf(gguf_path: str, cache_root: str) -> str:

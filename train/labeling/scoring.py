@@ -1,8 +1,8 @@
 """The reward model for labeling: loaded as its training run built it, fed as training fed it.
 
-- settings() and load_reward_model() accept a run's FINAL dir, a checkpoint dir (rebuilt from
-  <run>/config.yaml, then its safetensors weights; a LoRA run's adapters are then merged, as
-  FINAL's are) or a plain HF classifier dir; FINAL is always plain, LoRA is never applied to it.
+- load_reward_model() (and train.model_files.settings()) accept a run's FINAL dir, a checkpoint
+  dir (rebuilt from <run>/config.yaml, then its safetensors weights; a LoRA run's adapters are then
+  merged, as FINAL's are) or a plain HF classifier dir; FINAL is always plain, LoRA is never applied to it.
   Code shipped with a model runs only with --trust_remote_code, whatever the run's config.yaml says.
 - encode_sample() is train.data.formatting.encode, the function training uses.
 - Scorer packs batches without padding, sharing each prompt's tokens between its samples on
@@ -14,68 +14,20 @@ import json
 import os
 
 import torch
-from omegaconf import OmegaConf
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from train import lora
-from train.checkpoint import is_sharded, load_sharded
+from train.checkpoint import load_sharded
 from train.data.batching import model_inputs, pad_batch
 from train.data.formatting import DEFAULT_TRUNCATION, encode
 from train.data.packing import pack
 from train.errors import UserError
 from train.labeling.samples import read_samples
-from train.models import (AutoModelForBradleyTerry, build_model, check_positions, load_tokenizer, position_limit,
+from train.model_files import is_sharded, model_kind
+from train.models import (AutoModelForBradleyTerry, build_model, check_positions, load_tokenizer,
                           prepare_tokenizer)
 
 CHUNK_BATCHES = 16  # batches per process per chunk: the span of length sorting, and of lost work on a kill
-# Used only for a plain classifier dir with no training run: HALOs' labeler defaults.
-PLAIN_DEFAULTS = {"max_length": 2048, "max_prompt_length": 1024, "truncation": DEFAULT_TRUNCATION}
-
-
-def run_config(path: str):
-    """The training run's resolved config for <run>/FINAL or <run>/checkpoints/step-N; None if absent."""
-    parent = os.path.dirname(os.path.abspath(os.path.normpath(path)))
-    run_dir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-    candidate = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(candidate):
-        return None
-    cfg = OmegaConf.load(candidate)
-    return cfg if OmegaConf.select(cfg, "model.max_length") is not None else None  # not some other YAML
-
-
-def model_kind(path: str, option: str = "--reward_model_path ") -> str:
-    """'pretrained' (FINAL, any HF classifier dir or hub id) or 'checkpoint' (weights, no config.json)."""
-    path = os.path.normpath(path)
-    if os.path.isfile(os.path.join(path, "config.json")) or not os.path.exists(path):
-        return "pretrained"
-    if os.path.isfile(os.path.join(path, "model.safetensors")) or is_sharded(path):
-        return "checkpoint"
-    raise UserError(f"{option}{path}: neither a FINAL/classifier dir (config.json) "
-                    "nor a checkpoint dir (model.safetensors, or sharded/ from an FSDP run)")
-
-
-def settings(path: str, args) -> dict:
-    """Formatting and dtype for scoring: the training run's unless overridden on the command line."""
-    cfg = run_config(os.path.normpath(path))
-    if cfg is None and model_kind(path) == "checkpoint":
-        raise UserError(f"--reward_model_path {path}: a checkpoint dir needs its run's config.yaml "
-                        "two levels up (<run>/checkpoints/step-N)")
-    if cfg is not None:
-        base = {k: cfg.model[k] for k in PLAIN_DEFAULTS}
-        base["dtype"] = cfg.model.dtype
-    else:  # no training run: HALOs' defaults, within the positions the model has (BERT: 512)
-        base = {**PLAIN_DEFAULTS, "dtype": "float32"}
-        config_file = os.path.join(path, "config.json")
-        if os.path.isfile(config_file):
-            with open(config_file) as f:
-                config = json.load(f)
-            positions = position_limit(config) or config.get("max_position_embeddings") or base["max_length"]
-            base["max_length"] = min(base["max_length"], positions)
-    for key in ("max_length", "max_prompt_length", "dtype"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-    base["max_prompt_length"] = min(base["max_prompt_length"], base["max_length"])
-    return {**base, "run_config": cfg}
 
 
 def load_reward_model(path: str, setup: dict, trust_remote_code: bool = False):
