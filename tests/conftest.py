@@ -142,17 +142,14 @@ def accelerate_launch(args, nproc=2, check=True, extra_env=None, timeout=600):
     return proc
 
 
-# Runs a command line as `python -m MODULE ARGS` or `python SCRIPT ARGS` would, then prints which of
-# the heavy packages it imported: a mistake must be reported before them (about a second, not ten).
+# Runs a command line as `python ARGS` would (tests/zygote.py's run_as_python, without the server's
+# imports), then prints which of the heavy packages it imported: a mistake must be reported before
+# them (about a second, not ten).
 IMPORTS = """
-import runpy, sys
-module = sys.argv[1] == "-m"
-sys.argv = sys.argv[2:] if module else sys.argv[1:]
+import sys
+from tests.zygote import run_as_python
 try:
-    if module:
-        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-    else:
-        runpy.run_path(sys.argv[0], run_name="__main__")
+    run_as_python(sys.argv[1:])
 finally:
     print([m for m in ("torch", "transformers", "datasets", "accelerate") if m in sys.modules])
 """

@@ -13,7 +13,8 @@ Only environment variables that the harness reads while it runs may differ from 
 (see conftest.ZYGOTE_ENV); anything read at import time (HF_HUB_OFFLINE, HF_ENDPOINT, PYTHON*)
 needs a fresh interpreter, and conftest starts one. `REWARD_TESTS_FRESH=1` turns the server off.
 
-Requests name a script, `-m module` or `-c code`, as `python` takes them.
+Requests name a script, `-m module` or `-c code`, as `python` takes them (run_as_python, which
+conftest.heavy_imports also uses in a fresh interpreter; importing this module starts no server).
 Protocol: one JSON request per line on stdin; one JSON line {"pid"} then one {"returncode"} back.
 """
 import json
@@ -22,20 +23,24 @@ import runpy
 import sys
 import types
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[0] = ROOT  # as `python launch.py` and `python -m train.label` in the repo root have it
 
-import torch  # noqa: E402
+def run_as_python(argv: list):
+    """`python ARGV` in this interpreter: a script, `-m module` or `-c code`, run as `__main__`."""
+    sys.argv = list(argv)
+    if sys.argv[0] == "-m":
+        sys.argv.pop(0)
+        sys.modules.pop(sys.argv[0], None)  # imported above as a module, not yet as __main__: as `python -m` finds it
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    elif sys.argv[0] == "-c":
+        code = sys.argv.pop(1)
+        sys.modules["__main__"] = main = types.ModuleType("__main__")
+        exec(compile(code, "<string>", "exec"), main.__dict__)
+    else:
+        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
+        runpy.run_path(sys.argv[0], run_name="__main__")
 
-# What a run imports once it is past its argument checks (launch.py and train.label check first
-# and import these after, so importing launch.py or train.label alone would load little).
-import train.build  # noqa: E402,F401
-import train.labeling.scoring  # noqa: E402,F401
 
-replies = os.fdopen(os.dup(1), "w")  # the children get fd 1 for their own stdout
-
-
-def serve():
+def serve(replies):
     """Returns the request in a child; the server itself never returns."""
     for line in sys.stdin:
         request = json.loads(line)
@@ -53,24 +58,23 @@ def serve():
     sys.exit(0)
 
 
-request = serve()
-os.chdir(request["cwd"])
-os.environ.clear()
-os.environ.update(request["env"])
-for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
-                       (2, request["stderr"], os.O_WRONLY)):
-    os.dup2(os.open(path, mode), fd)
-if "OMP_NUM_THREADS" in os.environ:  # torch read it once, when the server imported it
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-sys.argv = list(request["argv"])
-if sys.argv[0] == "-m":
-    sys.argv.pop(0)
-    sys.modules.pop(sys.argv[0], None)  # imported above as a module, not yet as __main__: as `python -m` finds it
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-elif sys.argv[0] == "-c":
-    code = sys.argv.pop(1)
-    sys.modules["__main__"] = main = types.ModuleType("__main__")
-    exec(compile(code, "<string>", "exec"), main.__dict__)
-else:
-    sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-    runpy.run_path(sys.argv[0], run_name="__main__")
+if __name__ == "__main__":
+    # The repo root, as `python launch.py` and `python -m train.label` run there have it.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import torch
+
+    # What a run imports once it is past its argument checks (launch.py and train.label check first
+    # and import these after, so importing launch.py or train.label alone would load little).
+    import train.build  # noqa: F401
+    import train.labeling.scoring  # noqa: F401
+
+    request = serve(os.fdopen(os.dup(1), "w"))  # the children get fd 1 for their own stdout
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for fd, path, mode in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY),
+                           (2, request["stderr"], os.O_WRONLY)):
+        os.dup2(os.open(path, mode), fd)
+    if "OMP_NUM_THREADS" in os.environ:  # torch read it once, when the server imported it
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    run_as_python(request["argv"])

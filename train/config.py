@@ -305,6 +305,15 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
 
 
+def check_model_choices(model):
+    """model.truncation and model.dtype, those that `model` holds (train.evaluate passes only the
+    overridden ones): one line for a value that is not a choice."""
+    if "truncation" in model and model.truncation not in TRUNCATION_POLICIES:
+        raise UserError(f"model.truncation must be one of {TRUNCATION_POLICIES}, got '{model.truncation}'")
+    if "dtype" in model and model.dtype not in DTYPE_NAMES:
+        raise UserError(f"model.dtype '{model.dtype}' is not one of {', '.join(DTYPE_NAMES)}")
+
+
 def validate(cfg: DictConfig):
     """Checks on values, run before any model loads: one line per mistake."""
     try:
@@ -319,10 +328,7 @@ def validate(cfg: DictConfig):
         raise UserError(str(err).splitlines()[0].replace("UserError raised while resolving interpolation: ", ""))
     if cfg.model.name_or_path is None and cfg.model.init_config is None:
         raise UserError("set model.name_or_path (a local dir or hub id) or model.init_config")
-    if cfg.model.truncation not in TRUNCATION_POLICIES:
-        raise UserError(f"model.truncation must be one of {TRUNCATION_POLICIES}, got '{cfg.model.truncation}'")
-    if cfg.model.dtype not in DTYPE_NAMES:
-        raise UserError(f"model.dtype '{cfg.model.dtype}' is not one of {', '.join(DTYPE_NAMES)}")
+    check_model_choices(cfg.model)
     if cfg.on_nonfinite not in ("stop", "skip"):
         raise UserError(f"on_nonfinite must be 'stop' or 'skip', got '{cfg.on_nonfinite}'")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):

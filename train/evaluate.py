@@ -31,8 +31,7 @@ from tqdm.auto import tqdm
 
 from train import report
 from train.checks import check_ranges
-from train.config import DTYPE_NAMES, RANGES, check_overrides, register
-from train.data.formatting import TRUNCATION_POLICIES
+from train.config import RANGES, check_model_choices, check_overrides, register
 from train.data.options import checked_source_options
 from train.errors import UserError, exit_with_error, leave, storage_error
 from train.model_files import model_kind, run_config, settings
@@ -167,12 +166,9 @@ def data_config(strings: list, parsed: list, run_cfg):
 def model_setup(path: str, parsed: list) -> dict:
     """Formatting and dtype: the run's (train.model_files.settings), model.* overrides winning."""
     given = {o.key_or_group: o.value() for o in parsed if o.key_or_group in MODEL_KEYS}
-    check_ranges(OmegaConf.create({"model": {k[len("model."):]: v for k, v in given.items()}}),
-                 {k: RANGES[k] for k in ("model.max_length", "model.max_prompt_length")})  # training's bounds
-    if given.get("model.truncation", TRUNCATION_POLICIES[0]) not in TRUNCATION_POLICIES:
-        raise UserError(f"model.truncation must be one of {TRUNCATION_POLICIES}, got '{given['model.truncation']}'")
-    if given.get("model.dtype", "float32") not in DTYPE_NAMES:
-        raise UserError(f"model.dtype '{given['model.dtype']}' is not one of {', '.join(DTYPE_NAMES)}")
+    overridden = OmegaConf.create({"model": {k[len("model."):]: v for k, v in given.items()}})
+    check_ranges(overridden, {k: RANGES[k] for k in ("model.max_length", "model.max_prompt_length")})  # training's bounds
+    check_model_choices(overridden.model)  # training's choices
     overrides = {k: given.get(f"model.{k}") for k in ("max_length", "max_prompt_length", "dtype")}
     setup = settings(path, SimpleNamespace(**overrides))
     if "model.truncation" in given:
